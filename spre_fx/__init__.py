@@ -1,0 +1,28 @@
+"""spre_fx: SpRe (Spatial Re-parameterization for N:M sparsity) for any PyTorch model.
+
+    model = spre_fx.prepare(model, nm=(2, 4))     # train this
+    deployed = spre_fx.convert(model)            # single N:M convs, exact in eval mode
+    print(spre_fx.report(deployed))
+"""
+
+from .config import SpReConfig
+from .convert import convert
+from .prepare import prepare
+from .registry import register_leaf_function, register_leaf_module, register_norm
+from .report import Report, VerificationError, VerifyResult, report, verify
+
+__all__ = [
+    "SpReConfig",
+    "prepare",
+    "convert",
+    "report",
+    "verify",
+    "Report",
+    "VerifyResult",
+    "VerificationError",
+    "register_leaf_module",
+    "register_leaf_function",
+    "register_norm",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""The rewrite pass: swap the modules the user's forward already calls for their train-time form.
+
+No forward is regenerated: the model keeps its class, its methods and its Python control flow
+(`self.training` branches stay live), and every original parameter and buffer keeps its name.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SpReConfig
+from .modules import NM_CLASSES, SpReBatchNorm2d, SpReConv2d
+from .patterns import DENSE, SPRE, Plan, discover
+from .registry import norm_spec
+
+__all__ = ["prepare", "plan_of"]
+
+log = logging.getLogger("spre_fx")
+_STATE = "_spre_fx_plan"
+
+
+def plan_of(model: nn.Module, *, stage: str | None = None) -> Plan:
+    """The plan `prepare` attached to `model`; ValueError when it was never prepared."""
+    plan = getattr(model, _STATE, None)
+    if not isinstance(plan, Plan):
+        raise ValueError(
+            f"{type(model).__name__} was not prepared by spre_fx: call spre_fx.prepare(model) first"
+        )
+    if stage is not None and plan.stage != stage:
+        raise ValueError(f"expected a {stage} model, found a {plan.stage} one")
+    return plan
+
+
+def attach_plan(model: nn.Module, plan: Plan) -> None:
+    object.__setattr__(model, _STATE, plan)  # a plain attribute: not a parameter, buffer or child
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at `name`, and at every other name the replaced module object is known by."""
+    old = model.get_submodule(name)
+    for alias, mod in model.named_modules(remove_duplicate=False):
+        if mod is old:
+            parent, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedParameter):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"'{name}' holds NaN or inf values: spre_fx needs finite weights")
+
+
+def _config(nm, spre, config: SpReConfig | None, options: dict[str, Any]) -> SpReConfig:
+    if config is None:
+        return SpReConfig(nm=nm, spre=spre, **options)
+    if not isinstance(config, SpReConfig):
+        raise TypeError(f"config must be a SpReConfig, found {type(config).__name__}")
+    if options or tuple(nm) != (2, 4) or spre is not True:
+        raise ValueError("pass either config=SpReConfig(...) or nm/spre/options, not both")
+    return config
+
+
+def prepare(
+    model: nn.Module,
+    nm: tuple[int, int] = (2, 4),
+    *,
+    spre: bool = True,
+    config: SpReConfig | None = None,
+    inplace: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Return `model` ready for N:M training, with SpRe branches on its k×k conv→BN pairs.
+
+    options are the other fields of `SpReConfig` (include, skip, dense_stem, decay,
+    silent_branch). `concrete_args` go to fx for the model's own forward (e.g. a mode flag).
+    The input model is left untouched unless `inplace=True`. `spre_fx.report(model)` says what
+    was done to every layer and why.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare expects a torch.nn.Module, found {type(model).__name__}")
+    config = _config(nm, spre, config, options)
+    if isinstance(getattr(model, _STATE, None), Plan):
+        raise ValueError("model is already prepared by spre_fx (prepare it once)")
+    _check_finite(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    plan = discover(model, config, concrete_args)
+    modules = dict(model.named_modules())
+    for lp in plan.layers:
+        if lp.treatment == DENSE:
+            continue
+        layer = modules[lp.name]
+        if lp.treatment == SPRE:
+            norm = modules[lp.norm]
+            set_module(model, lp.name, SpReConv2d.adopt(layer, config.n, config.m, config.decay))
+            set_module(
+                model, lp.norm, SpReBatchNorm2d.adopt(norm, norm_spec(norm), config.silent_branch)
+            )
+        else:
+            base = next(b for b in NM_CLASSES if isinstance(layer, b))
+            set_module(model, lp.name, NM_CLASSES[base].adopt(layer, config.n, config.m, config.decay))
+    attach_plan(model, plan)
+    counts = Counter(lp.treatment for lp in plan.layers)
+    log.info(
+        "spre_fx.prepare: %d spre, %d nm, %d dense layers%s; spre_fx.report(model) says why",
+        counts["spre"], counts["nm"], counts["dense"],
+        f", {len(plan.untraced)} modules traced through their children" if plan.untraced else "",
+    )
+    return model

@@ -1,0 +1,120 @@
+"""What fx must not enter, and how each kind of BatchNorm is split around the SpRe sum.
+
+Users and integrations extend both tables; the core never special-cases a model family.
+Classes may be named by their qualified name (a string), so that the core knows about
+timm or mmcv classes without importing them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "NormSpec",
+    "register_leaf_module",
+    "register_leaf_function",
+    "register_norm",
+    "is_leaf_class",
+    "leaf_functions",
+    "norm_spec",
+]
+
+_LEAF_MODULES: set[str] = set()
+_LEAF_FUNCTIONS: list[Callable] = []
+
+
+def _qualname(cls: type | str) -> str:
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_leaf_module(cls: type | str) -> type | str:
+    """Mark a module class (or its qualified name) as opaque to fx: traced as one call.
+
+    Use it for modules whose forward does not trace (data-dependent control flow). Convs and
+    norms inside such a module still get N:M; they cannot be paired with a BatchNorm.
+    Usable as a class decorator.
+    """
+    _LEAF_MODULES.add(_qualname(cls))
+    return cls
+
+
+def register_leaf_function(fn: Callable) -> Callable:
+    """Mark a free function as opaque to fx (it appears as one call_function node)."""
+    if fn not in _LEAF_FUNCTIONS:
+        _LEAF_FUNCTIONS.append(fn)
+    return fn
+
+
+def is_leaf_class(cls: type) -> bool:
+    return any(_qualname(c) in _LEAF_MODULES for c in cls.__mro__)
+
+
+def leaf_functions() -> tuple[Callable, ...]:
+    return tuple(_LEAF_FUNCTIONS)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How a BatchNorm class splits into "normalise" and "what follows inside the module".
+
+    post: applied to the *sum* of the two SpRe branches (e.g. timm's BatchNormAct2d runs its
+        dropout and activation there), `post(module, y) -> y`.
+    after_fold: what replaces the module once its affine part is folded into the conv.
+    """
+
+    post: Callable[[nn.Module, Tensor], Tensor]
+    after_fold: Callable[[nn.Module], nn.Module]
+
+
+def _identity_post(module: nn.Module, y: Tensor) -> Tensor:
+    return y
+
+
+def _identity_after_fold(module: nn.Module) -> nn.Module:
+    return nn.Identity()
+
+
+def _act_post(module: nn.Module, y: Tensor) -> Tensor:
+    return module.act(module.drop(y))
+
+
+def _act_after_fold(module: nn.Module) -> nn.Module:
+    return nn.Sequential(OrderedDict(drop=module.drop, act=module.act))
+
+
+_PLAIN = NormSpec(_identity_post, _identity_after_fold)
+_NORMS: dict[str, NormSpec] = {
+    # timm's norm+act layers: F.batch_norm, then self.drop, then self.act.
+    "timm.layers.norm_act.BatchNormAct2d": NormSpec(_act_post, _act_after_fold),
+    "timm.layers.norm_act.SyncBatchNormAct": NormSpec(_act_post, _act_after_fold),
+}
+# The stock forwards, whose semantics the train-time module reproduces.
+_STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def register_norm(
+    cls: type | str,
+    *,
+    post: Callable[[nn.Module, Tensor], Tensor],
+    after_fold: Callable[[nn.Module], nn.Module],
+) -> None:
+    """Declare a BatchNorm subclass whose forward is `post(module, batch_norm(x))`."""
+    _NORMS[_qualname(cls)] = NormSpec(post, after_fold)
+
+
+def norm_spec(module: nn.Module) -> NormSpec | None:
+    """The split of `module`, or None when it is no BatchNorm spre_fx can pair with a conv."""
+    if not isinstance(module, _BatchNorm):
+        return None
+    cls = type(module)
+    for c in cls.__mro__:
+        if _qualname(c) in _NORMS:
+            return _NORMS[_qualname(c)]
+    if cls.forward in _STOCK_FORWARDS:
+        return _PLAIN
+    return None
