@@ -37,6 +37,7 @@ __all__ = [
     "NMLinear",
     "SpReConv2d",
     "SpReBatchNorm2d",
+    "SpReSyncBatchNorm",
 ]
 
 
@@ -269,7 +270,7 @@ def _fresh_norm(bn: _BatchNorm) -> _BatchNorm:
     return nn.BatchNorm2d(bn.num_features, **kwargs)
 
 
-class SpReBatchNorm2d(nn.BatchNorm2d):
+class _SpReNormMixin:
     """The user's BatchNorm (same parameters and buffers) plus the extra branch's own BN `rep`.
 
     y = post(BN_main(main) + BN_rep(rep)), `post` being what the user's BN class runs after
@@ -277,7 +278,9 @@ class SpReBatchNorm2d(nn.BatchNorm2d):
     """
 
     @classmethod
-    def adopt(cls, bn: _BatchNorm, spec: NormSpec, silent: bool = False) -> SpReBatchNorm2d:
+    def adopt(cls, bn: _BatchNorm, spec: NormSpec, silent: bool = False) -> nn.Module:
+        if cls is SpReBatchNorm2d and isinstance(bn, nn.SyncBatchNorm):
+            cls = SpReSyncBatchNorm
         new = _adopt(cls, bn)
         new._spre_orig_cls = type(bn)
         new._spre_norm_spec = spec
@@ -288,19 +291,22 @@ class SpReBatchNorm2d(nn.BatchNorm2d):
                 new.rep.weight.zero_()
         return new
 
-    def _normalize(self, x: Tensor) -> Tensor:
-        if issubclass(self._spre_orig_cls, nn.SyncBatchNorm):
-            return nn.SyncBatchNorm.forward(self, x)
-        return _BatchNorm.forward(self, x)
-
     def forward(self, input: SpReBranches) -> Tensor:
         if not isinstance(input, SpReBranches):
             raise TypeError(
-                "SpReBatchNorm2d expects the SpReBranches of its SpReConv2d, found "
+                f"{type(self).__name__} expects the SpReBranches of its SpReConv2d, found "
                 f"{type(input).__name__}: the conv feeding this BatchNorm was changed after prepare"
             )
-        y = self._normalize(input.main) + self.rep(input.rep)
+        y = super().forward(input.main) + self.rep(input.rep)
         return self._spre_norm_spec.post(self, y)
+
+
+class SpReBatchNorm2d(_SpReNormMixin, nn.BatchNorm2d):
+    __doc__ = _SpReNormMixin.__doc__
+
+
+class SpReSyncBatchNorm(_SpReNormMixin, nn.SyncBatchNorm):
+    __doc__ = _SpReNormMixin.__doc__
 
 
 # --------------------------------------------------------------------------- collapse (§4)
@@ -324,7 +330,7 @@ def deploy_layer(module: nn.Module, norm: nn.Module | None) -> tuple[nn.Module, 
     Returns the layer and what replaces `norm` (None when there was no norm).
     """
     if isinstance(module, SpReConv2d):
-        if not isinstance(norm, SpReBatchNorm2d):
+        if not isinstance(norm, _SpReNormMixin):
             raise ValueError("a SpReConv2d collapses only together with its SpReBatchNorm2d")
         w, b = merge_spre(
             module.weight, module.bias, module.weight_rep, module.nm_mask, module.spatial_mask,

@@ -127,7 +127,8 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]]) -> _Flow:
             mod = modules.get(name)
             if not isinstance(mod, _ConvNd):
                 continue
-            flow.first_conv = flow.first_conv or name
+            if not prefix:  # only a trace of the whole model knows which conv runs first
+                flow.first_conv = flow.first_conv or name
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module":
                 bn_name = _join(prefix, users[0].target)
