@@ -1,0 +1,129 @@
+"""The inverse pass: convert(prepare(m)) equals the prepared model in eval mode and is N:M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import spre_fx
+from spre_fx.masks import is_nm
+
+from .nets import TinyNet, tiny_input, train_steps
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+@st.composite
+def networks(draw):
+    """Random small CNNs: conv(+BN)(+ReLU) layers with random geometry, some residual."""
+    widths = st.sampled_from([4, 6, 8, 12, 16])
+    c = draw(widths)
+    layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1)]
+    for _ in range(draw(st.integers(1, 4))):
+        k = draw(st.sampled_from([1, 2, 3, 5]))
+        dilation = draw(st.sampled_from([1, 2])) if k > 1 else 1
+        groups = draw(st.sampled_from([g for g in (1, 2, 4, c) if c % g == 0]))
+        residual = draw(st.booleans())
+        out = c if residual else draw(widths)
+        if out % groups:
+            groups = 1
+        stride = 1 if residual else draw(st.sampled_from([1, 2]))
+        pad = dilation * (k - 1) // 2
+        conv = nn.Conv2d(c, out, k, stride, pad, dilation, groups, bias=draw(st.booleans()))
+        body = [conv]
+        if draw(st.booleans()) or residual:
+            body.append(nn.BatchNorm2d(out, affine=draw(st.booleans())))
+        body.append(nn.ReLU())
+        block = nn.Sequential(*body)
+        if residual and k % 2 == 1:
+            block = Residual(block)
+        layers.append(block)
+        c = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, draw(st.sampled_from([4, 5, 8])))]
+    return nn.Sequential(*layers)
+
+
+@settings(max_examples=25, deadline=None)
+@given(net=networks(), nm=st.sampled_from([(2, 4), (1, 4), (1, 2), (2, 8), (4, 8)]),
+       spre=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 99))
+def test_convert_is_exact_on_generated_networks(net, nm, spre, dtype, seed):
+    torch.manual_seed(seed)
+    net = net.to(dtype)
+    x = tiny_input(batch=3, size=10, dtype=dtype)
+    p = spre_fx.prepare(net, nm=nm, spre=spre)
+    train_steps(p, x, steps=2)
+    p.eval()
+    c = spre_fx.convert(p)
+    result = spre_fx.verify(p, c, x)
+    assert result.output_error <= (1e-10 if dtype == torch.float64 else 1e-5)
+    rep = spre_fx.report(c)
+    modules = dict(c.named_modules())
+    for lr in rep.layers:
+        layer = modules[lr.name]
+        assert not type(layer).__module__.startswith("spre_fx")
+        if lr.treatment != "dense":
+            assert is_nm(layer.weight, *nm), lr.name
+        if lr.norm is not None:
+            assert not isinstance(modules[lr.norm], nn.modules.batchnorm._BatchNorm)
+    if not spre:
+        assert rep.count("spre") == 0
+
+
+def test_converted_resnet_matches_and_keeps_class():
+    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    p = spre_fx.prepare(model)
+    train_steps(p, x, steps=2)
+    p.eval()
+    c = spre_fx.convert(p)
+    assert type(c) is type(model)
+    assert {type(m) for m in c.modules()}.isdisjoint(
+        {spre_fx.modules.SpReConv2d, spre_fx.modules.NMConv2d, nn.BatchNorm2d})
+    spre_fx.verify(p, c, x)
+    # Same parameter count as the dense model with BN folded: zero inference overhead.
+    dense_folded = sum(m.weight.numel() + m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    conv_params = sum(p.numel() for m in c.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+    assert conv_params == dense_folded
+
+
+def test_convert_leaves_prepared_model_untouched_and_rejects_converted():
+    torch.manual_seed(0)
+    p = spre_fx.prepare(TinyNet())
+    x = tiny_input()
+    train_steps(p, x)
+    p.eval()
+    before = {k: v.clone() for k, v in p.state_dict().items()}
+    c = spre_fx.convert(p)
+    assert all(torch.equal(v, p.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="converted"):
+        spre_fx.convert(c)
+    with pytest.raises(ValueError):
+        spre_fx.verify(c, c, x)
+
+
+def test_verify_detects_a_wrong_model():
+    torch.manual_seed(0)
+    p = spre_fx.prepare(TinyNet())
+    x = tiny_input()
+    train_steps(p, x)
+    p.eval()
+    c = spre_fx.convert(p)
+    with torch.no_grad():
+        c.block.conv1.weight[0] += 1.0  # breaks both equality and 2:4
+    with pytest.raises(spre_fx.VerificationError, match="block.conv1"):
+        spre_fx.verify(p, c, x)
+    result = spre_fx.verify(p, spre_fx.convert(p), x)
+    assert set(result.layer_errors) >= {"block.bn1", "block.bn2", "head"}
+    assert all(v == 0 for v in result.nm_violations.values())

@@ -1,0 +1,438 @@
+"""Property tests for spre_fx/modules.py: BN folding, the SpRe merge, adopted train-time modules.
+
+References are written out by hand from SPRE.md §3-§4 with torch.nn.functional convolutions and
+an explicit `(y − μ)/sqrt(σ² + ε)·γ + β`, never with the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from spre_fx.masks import nm_mask, nm_violations, spatial_mask
+from spre_fx.modules import (
+    BNStats,
+    NMConv1d,
+    NMConv2d,
+    NMConv3d,
+    NMLinear,
+    SpReBatchNorm2d,
+    SpReConv2d,
+    deploy_layer,
+    fold_bn,
+    merge_spre,
+)
+from spre_fx.registry import norm_spec
+
+SETTINGS = settings(max_examples=30, deadline=None)
+FAST = settings(max_examples=15, deadline=None)
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+NORMS = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+NM_CLASSES = {nn.Linear: NMLinear, nn.Conv1d: NMConv1d, nn.Conv2d: NMConv2d, nn.Conv3d: NMConv3d}
+seeds = st.integers(0, 2**31 - 1)
+
+
+# --------------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class Layer:
+    """Hyper-parameters of a Linear (rank 0) or ConvNd layer, and the input it takes."""
+
+    rank: int
+    cin: int
+    cout: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    size: tuple[int, ...]
+
+    def module(self, dtype: torch.dtype, g: torch.Generator) -> nn.Module:
+        """The user's layer, with random weights drawn from `g`."""
+        if self.rank == 0:
+            mod = nn.Linear(self.cin, self.cout, bias=self.bias, dtype=dtype)
+        else:
+            mod = CONVS[self.rank](
+                self.cin, self.cout, self.kernel, self.stride, self.padding, self.dilation,
+                self.groups, self.bias, dtype=dtype,
+            )
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.copy_(randn(p.shape, g, dtype))
+        return mod
+
+    def input(self, g: torch.Generator, dtype: torch.dtype, batch: int = 2) -> torch.Tensor:
+        return randn((batch, self.cin, *self.size), g, dtype)
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The layer's op with an explicit weight and bias."""
+        if self.rank == 0:
+            return F.linear(x, w, b)
+        return CONV_FNS[self.rank](x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+@st.composite
+def layers(draw, ranks=(1, 2, 3), in_multiple: int = 1) -> Layer:
+    """Random layer hyper-parameters; in-channels per group are a multiple of `in_multiple`."""
+    rank = draw(st.sampled_from(ranks))
+    groups = 1 if rank == 0 else draw(st.integers(1, 3))
+    cin_g = in_multiple * draw(st.integers(1, 2 if in_multiple > 1 else 3))
+    cout_g = draw(st.integers(1, 3))
+    hi = 5 if rank < 3 else 3
+    kernel = tuple(draw(st.integers(1, hi)) for _ in range(rank))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(rank))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    size = tuple(d * (k - 1) + 1 + draw(st.integers(0, 3)) for k, d in zip(kernel, dilation))
+    return Layer(rank, cin_g * groups, cout_g * groups, kernel, stride, padding, dilation, groups,
+                 draw(st.booleans()), size)
+
+
+@st.composite
+def nm_layers(draw, ranks=(1, 2, 3), max_m: int = 16) -> tuple[int, int, Layer]:
+    """(N, M, layer) with 1 <= N < M and in-channels per group a multiple of M."""
+    m = draw(st.integers(2, max_m))
+    n = draw(st.integers(1, m - 1))
+    return n, m, draw(layers(ranks, in_multiple=m))
+
+
+def randn(shape, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def random_bn(bn: nn.Module, g: torch.Generator, eps: float | None = None) -> nn.Module:
+    """Give `bn` random running statistics (and affine parameters); return it in eval mode."""
+    c, dtype = bn.num_features, bn.running_mean.dtype
+    with torch.no_grad():
+        bn.running_mean.copy_(randn(c, g, dtype))
+        bn.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g, dtype=torch.float64).to(dtype))
+        if bn.affine:
+            bn.weight.copy_(randn(c, g, dtype))
+            bn.bias.copy_(randn(c, g, dtype))
+    if eps is not None:
+        bn.eps = eps
+    return bn.eval()
+
+
+def bn_eval(y: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """Eval-mode BatchNorm written out: (y − μ) / sqrt(σ² + ε) · γ + β."""
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    out = (y - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out
+
+
+def bn_train(y: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """Train-mode BatchNorm written out, with the biased batch variance."""
+    dims = (0, *range(2, y.dim()))
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    out = (y - y.mean(dims, keepdim=True)) / torch.sqrt(y.var(dims, unbiased=False, keepdim=True) + bn.eps)
+    if bn.weight is not None:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Max error within TOL[dtype] relative to the largest |expected|."""
+    assert actual.shape == expected.shape
+    scale = max(expected.abs().max().item(), 1e-3)
+    err = (actual - expected).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g} ({dtype})"
+
+
+def promote_dropped(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A copy of `w` whose first N:M-dropped weight becomes the largest, so its N:M mask must change."""
+    new = w.detach().clone()
+    idx = tuple((~mask.movedim(1, -1)).nonzero()[0].tolist())
+    new.movedim(1, -1)[idx] = 10 * (w.detach().abs().max() + 1)
+    return new
+
+
+# --------------------------------------------------------------------------- fold_bn
+@SETTINGS
+@given(layer=layers(), dtype=st.sampled_from(DTYPES), affine=st.booleans(),
+       eps=st.sampled_from([1e-5, 1e-3, 0.1]), seed=seeds)
+def test_fold_bn_equals_bn_after_conv(layer, dtype, affine, eps, seed):
+    """conv(x, W', b') == BN(conv(x, W) + b) for an eval-mode BN with random stats."""
+    g = torch.Generator().manual_seed(seed)
+    conv = layer.module(dtype, g)
+    bn = random_bn(NORMS[layer.rank](layer.cout, eps=eps, affine=affine, dtype=dtype), g)
+    x = layer.input(g, dtype)
+    w, b = fold_bn(conv.weight, conv.bias, BNStats.of(bn))
+    assert w.dtype == dtype and b.dtype == dtype and w.shape == conv.weight.shape
+    with torch.no_grad():
+        assert_close(layer.apply(x, w, b), bn(conv(x)), dtype)
+
+
+def test_fold_bn_needs_running_stats():
+    """A BN that tracks no running statistics cannot be folded."""
+    with pytest.raises(ValueError):
+        BNStats.of(nn.BatchNorm2d(4, track_running_stats=False))
+
+
+# --------------------------------------------------------------------------- merge_spre
+@SETTINGS
+@given(nml=nm_layers(), dtype=st.sampled_from(DTYPES), affine=st.booleans(), affine_rep=st.booleans(),
+       conv_bias=st.booleans(), seed=seeds)
+def test_merge_spre_equals_two_branches(nml, dtype, affine, affine_rep, conv_bias, seed):
+    """One merged conv == BN(conv(x, W⊙M) + b) + BN_r(conv(x, W_r⊙M⊙S)), and the merged W is N:M."""
+    n, m, layer = nml
+    g = torch.Generator().manual_seed(seed)
+    w = randn((layer.cout, layer.cin // layer.groups, *layer.kernel), g, dtype)
+    w_rep = randn(w.shape, g, dtype)
+    bias = randn(layer.cout, g, dtype) if conv_bias else None
+    mask = nm_mask(w, n, m)
+    spatial = torch.rand(layer.kernel, generator=g) < 0.5
+    bn = random_bn(NORMS[layer.rank](layer.cout, affine=affine, dtype=dtype), g)
+    bn_rep = random_bn(NORMS[layer.rank](layer.cout, affine=affine_rep, dtype=dtype), g, eps=1e-3)
+    x = layer.input(g, dtype)
+
+    w2, b2 = merge_spre(w, bias, w_rep, mask, spatial, BNStats.of(bn), BNStats.of(bn_rep))
+    assert w2.dtype == dtype and b2.dtype == dtype
+    with torch.no_grad():
+        ref = bn_eval(layer.apply(x, w * mask, bias), bn) + bn_eval(layer.apply(x, w_rep * mask * spatial, None),
+                                                                   bn_rep)
+        assert_close(layer.apply(x, w2, b2), ref, dtype)
+    assert nm_violations(w2, n, m) == 0
+    assert not w2[~mask].any()
+
+
+# --------------------------------------------------------------------------- SpReConv2d + SpReBatchNorm2d
+@dataclass
+class Pair:
+    layer: Layer
+    n: int
+    m: int
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    sconv: SpReConv2d
+    sbn: SpReBatchNorm2d
+    x: torch.Tensor
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """M_nm and S recomputed from the current dense weight."""
+        w = self.conv.weight
+        return nm_mask(w, self.n, self.m), spatial_mask(w, 1.0 - self.n / self.m)
+
+    def branches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two pre-BN outputs, by hand: conv(x, W⊙M) + b and conv(x, W_r⊙M⊙S)."""
+        mask, spatial = self.masks()
+        with torch.no_grad():
+            main = self.layer.apply(self.x, self.conv.weight * mask, self.conv.bias)
+            rep = self.layer.apply(self.x, self.sconv.weight_rep * mask * spatial, None)
+        return main, rep
+
+
+def make_pair(nml, dtype, affine: bool, seed: int, silent: bool = False) -> Pair:
+    n, m, layer = nml
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # weight_rep's kaiming init draws from the global generator
+    conv = layer.module(dtype, g)
+    bn = random_bn(nn.BatchNorm2d(layer.cout, affine=affine, dtype=dtype), g)
+    sconv = SpReConv2d.adopt(conv, n, m, 2e-4)
+    sbn = SpReBatchNorm2d.adopt(bn, norm_spec(bn), silent=silent)
+    if not silent:
+        random_bn(sbn.rep, g, eps=1e-3)
+    return Pair(layer, n, m, conv, bn, sconv, sbn, layer.input(g, dtype, batch=3))
+
+
+pairs = dict(nml=nm_layers(ranks=(2,)), dtype=st.sampled_from(DTYPES), affine=st.booleans(), seed=seeds)
+
+
+@SETTINGS
+@given(**pairs)
+def test_spre_adopt_shares_user_parameters(nml, dtype, affine, seed):
+    """The adopted conv/BN hold the user's parameter and buffer objects; weight_rep and rep are new."""
+    p = make_pair(nml, dtype, affine, seed)
+    assert p.sconv.weight is p.conv.weight and p.sconv.bias is p.conv.bias
+    assert p.sbn.weight is p.bn.weight and p.sbn.bias is p.bn.bias
+    assert p.sbn.running_mean is p.bn.running_mean and p.sbn.running_var is p.bn.running_var
+    assert isinstance(p.sconv.weight_rep, nn.Parameter) and p.sconv.weight_rep.shape == p.conv.weight.shape
+    assert all(p.sconv.weight_rep is not q for q in p.conv.parameters())
+    # the user's modules are left as they were
+    assert type(p.conv) is nn.Conv2d and type(p.bn) is nn.BatchNorm2d
+    assert "weight_rep" not in dict(p.conv.named_parameters()) and not hasattr(p.bn, "rep")
+    assert set(p.sconv.state_dict()) >= set(p.conv.state_dict())
+    mask, spatial = p.masks()
+    assert torch.equal(p.sconv.nm_mask, mask) and torch.equal(p.sconv.spatial_mask, spatial)
+
+
+@pytest.mark.parametrize("cin,cout,kernel", [(64, 128, (3, 3)), (32, 96, (3, 5)), (48, 64, (5, 1))])
+def test_weight_rep_has_kaiming_fan_in_std(cin, cout, kernel):
+    """weight_rep ~ N(0, 2 / fan_in), independent of the user's weight (large layer, statistics)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, kernel, bias=False)
+    r = SpReConv2d.adopt(conv, 2, 4, 2e-4).weight_rep.detach().flatten()
+    std = math.sqrt(2.0 / (cin * math.prod(kernel)))
+    assert abs(r.std().item() / std - 1) < 0.03
+    assert abs(r.mean().item()) < 5 * std / math.sqrt(r.numel())
+    corr = torch.corrcoef(torch.stack([r, conv.weight.detach().flatten()]))[0, 1]
+    assert abs(corr.item()) < 5 / math.sqrt(r.numel())
+
+
+@SETTINGS
+@given(**pairs)
+def test_spre_pair_eval_equals_two_branches_and_deploy(nml, dtype, affine, seed):
+    """Eval: the pair == BN(main) + BN_r(rep) by hand; deploy_layer gives one nn.Conv2d computing the same."""
+    p = make_pair(nml, dtype, affine, seed)
+    p.sconv.eval()
+    p.sbn.eval()
+    main, rep = p.branches()
+    with torch.no_grad():
+        out = p.sbn(p.sconv(p.x))
+        assert_close(out, bn_eval(main, p.bn) + bn_eval(rep, p.sbn.rep), dtype)
+
+    plain, after = deploy_layer(p.sconv, p.sbn)
+    assert type(plain) is nn.Conv2d
+    assert set(plain.state_dict()) == {"weight", "bias"}
+    assert nm_violations(plain.weight, p.n, p.m) == 0
+    with torch.no_grad():
+        assert_close(after(plain(p.x)), out, dtype)
+    # deploying leaves the train-time pair intact
+    assert p.sconv.weight is p.conv.weight and isinstance(p.sconv, SpReConv2d)
+
+
+@SETTINGS
+@given(**pairs)
+def test_spre_pair_train_updates_both_bns(nml, dtype, affine, seed):
+    """Train: masks follow the weight, each BN normalises its branch and updates its own running stats."""
+    p = make_pair(nml, dtype, affine, seed)
+    p.sconv.train()
+    p.sbn.train()
+    with torch.no_grad():  # an optimizer-like in-place step
+        p.conv.weight.copy_(promote_dropped(p.conv.weight, p.sconv.nm_mask))
+    old = [(bn.running_mean.clone(), bn.running_var.clone(), bn.momentum) for bn in (p.bn, p.sbn.rep)]
+    main, rep = p.branches()
+    with torch.no_grad():
+        out = p.sbn(p.sconv(p.x))
+    mask, spatial = p.masks()
+    assert torch.equal(p.sconv.nm_mask, mask) and torch.equal(p.sconv.spatial_mask, spatial)
+    assert_close(out, bn_train(main, p.bn) + bn_train(rep, p.sbn.rep), dtype)
+    for bn, y, (mean0, var0, mom) in zip((p.bn, p.sbn.rep), (main, rep), old):
+        mean_expect = (1 - mom) * mean0 + mom * y.mean((0, 2, 3))
+        var_expect = (1 - mom) * var0 + mom * y.var((0, 2, 3), unbiased=True)
+        assert_close(bn.running_mean, mean_expect, dtype)
+        assert_close(bn.running_var, var_expect, dtype)
+    assert int(p.bn.num_batches_tracked) == 1 and int(p.sbn.rep.num_batches_tracked) == 1
+
+
+@SETTINGS
+@given(nml=nm_layers(ranks=(2,)), dtype=st.sampled_from(DTYPES), seed=seeds, train=st.booleans())
+def test_spre_silent_rep_adds_nothing(nml, dtype, seed, train):
+    """silent=True zeroes BN_r's γ, so the pair computes BN_main(conv(x, W⊙M) + b) alone."""
+    p = make_pair(nml, dtype, affine=True, seed=seed, silent=True)
+    assert not p.sbn.rep.weight.any()
+    p.sconv.train(train)
+    p.sbn.train(train)
+    main, _ = p.branches()
+    with torch.no_grad():
+        out = p.sbn(p.sconv(p.x))
+    assert_close(out, (bn_train if train else bn_eval)(main, p.bn), dtype)
+
+
+def test_spre_bn_rejects_plain_tensor():
+    """The adopted BN only takes the conv's SpReBranches."""
+    bn = nn.BatchNorm2d(4)
+    with pytest.raises(TypeError):
+        SpReBatchNorm2d.adopt(bn, norm_spec(bn))(torch.randn(2, 4, 3, 3))
+
+
+# --------------------------------------------------------------------------- NM layers
+nm_setups = dict(nml=nm_layers(ranks=(0, 1, 2, 3)), dtype=st.sampled_from(DTYPES),
+                 decay=st.sampled_from([0.0, 2e-4, 0.1]), seed=seeds)
+
+
+def adopt_nm(nml, dtype, decay, seed):
+    n, m, layer = nml
+    g = torch.Generator().manual_seed(seed)
+    mod = layer.module(dtype, g)
+    return mod, NM_CLASSES[type(mod)].adopt(mod, n, m, decay), layer.input(g, dtype), g
+
+
+@SETTINGS
+@given(**nm_setups)
+def test_nm_layer_forward_and_gradient(nml, dtype, decay, seed):
+    """Forward == op(x, W⊙nm_mask(W)); dL/dW == dL/dW̃ + decay·(1−M)·W (SR-STE)."""
+    n, m, layer = nml
+    mod, nm, x, g = adopt_nm(nml, dtype, decay, seed)
+    assert isinstance(nm, type(mod)) and nm.weight is mod.weight and nm.bias is mod.bias
+    mask = nm_mask(mod.weight, n, m)
+    assert torch.equal(nm.nm_mask, mask)
+    out = nm(x)
+    w_eff = (mod.weight.detach() * mask).requires_grad_()
+    ref = layer.apply(x, w_eff, mod.bias)
+    assert_close(out.detach(), ref.detach(), dtype)
+    upstream = randn(out.shape, g, dtype)
+    (grad_eff,) = torch.autograd.grad(ref, w_eff, upstream)
+    (grad,) = torch.autograd.grad(out, nm.weight, upstream)
+    assert_close(grad, grad_eff + decay * (~mask).to(dtype) * mod.weight.detach(), dtype)
+
+
+@SETTINGS
+@given(**nm_setups, mode=st.sampled_from(["train", "eval", "frozen"]))
+def test_nm_layer_mask_follows_weight_only_in_train(nml, dtype, decay, seed, mode):
+    """After an in-place weight change the train-mode mask is recomputed; eval or frozen keep the old one."""
+    n, m, layer = nml
+    mod, nm, x, _ = adopt_nm(nml, dtype, decay, seed)
+    nm.train(mode != "eval")
+    nm.frozen = mode == "frozen"
+    old_mask = nm.nm_mask.clone()
+    with torch.no_grad():
+        nm.weight.copy_(promote_dropped(nm.weight, old_mask))
+    new_mask = nm_mask(nm.weight, n, m)
+    assert not torch.equal(new_mask, old_mask)
+    expect = new_mask if mode == "train" else old_mask
+    with torch.no_grad():
+        out = nm(x)
+        assert_close(out, layer.apply(x, nm.weight * expect, nm.bias), dtype)
+    assert torch.equal(nm.nm_mask, expect)
+
+
+@FAST
+@given(**nm_setups)
+def test_nm_layer_optimizer_step_moves_mask(nml, dtype, decay, seed):
+    """A plain SGD step followed by a forward leaves the mask equal to nm_mask(new weight)."""
+    n, m, _ = nml
+    mod, nm, x, g = adopt_nm(nml, dtype, decay, seed)
+    opt = torch.optim.SGD(nm.parameters(), lr=1.0)
+    before = nm.weight.detach().clone()
+    out = nm(x)
+    (out * randn(out.shape, g, dtype)).sum().backward()
+    opt.step()
+    assert not torch.equal(nm.weight, before)
+    nm(x)
+    assert torch.equal(nm.nm_mask, nm_mask(nm.weight, n, m))
+
+
+@SETTINGS
+@given(**nm_setups, with_bn=st.booleans())
+def test_nm_layer_deploy_is_users_class(nml, dtype, decay, seed, with_bn):
+    """deploy_layer returns the user's exact class holding W⊙M (BN folded in if given), exactly N:M."""
+    n, m, layer = nml
+    mod, nm, x, g = adopt_nm(nml, dtype, decay, seed)
+    bn = random_bn(NORMS[layer.rank](layer.cout, dtype=dtype), g) if with_bn else None
+    nm.eval()
+    plain, after = deploy_layer(nm, bn)
+    assert type(plain) is type(mod)
+    assert not hasattr(plain, "nm_mask") and set(plain.state_dict()) <= {"weight", "bias"}
+    assert nm_violations(plain.weight, n, m) == 0
+    with torch.no_grad():
+        if bn is None:
+            assert after is None
+            assert torch.equal(plain.weight, mod.weight * nm_mask(mod.weight, n, m))
+            assert_close(plain(x), nm(x), dtype)
+        else:
+            assert_close(after(plain(x)), bn(nm(x)), dtype)
