@@ -10,12 +10,15 @@ from .convert import convert
 from .prepare import prepare
 from .registry import register_leaf_function, register_leaf_module, register_norm
 from .report import Report, VerificationError, VerifyResult, report, verify
+from .scheduler import MaskSchedule, MaskScheduler
 
 __all__ = [
     "SpReConfig",
     "prepare",
     "convert",
     "report",
+    "MaskScheduler",
+    "MaskSchedule",
     "verify",
     "Report",
     "VerifyResult",

@@ -1,0 +1,173 @@
+"""Mask scheduling: when the N:M and spatial masks move, driven by the optimizer's own steps.
+
+The scheduler attaches through `Optimizer.register_step_post_hook`, so it sees exactly the steps
+that happen: a step skipped by `torch.amp.GradScaler` or held back by gradient accumulation
+changes no mask. Masks live in module buffers, so a model checkpoint holds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .masks import nm_mask, spatial_mask
+from .modules import SpReConv2d, _NMMixin
+
+__all__ = ["MaskSchedule", "MaskScheduler"]
+
+
+@dataclass(frozen=True)
+class MaskSchedule:
+    """When masks change, counted in optimizer steps (validated on construction).
+
+    warmup_steps: train dense (all-ones N:M masks) for the first K steps, then prune.
+    nm_interval: recompute N:M masks every `nm_interval` steps (1 = SR-STE).
+    nm_freeze_after: keep N:M masks fixed after this step (ASP-style fine-tuning); None = never.
+    spatial_interval / spatial_freeze_after: the same for the SpRe spatial mask S.
+    decay: λ of the SR-STE decay, a float or a function of the step.
+    track_stats: compute per-step mask statistics (`MaskScheduler.stats`).
+    """
+
+    warmup_steps: int = 0
+    nm_interval: int = 1
+    nm_freeze_after: int | None = None
+    spatial_interval: int = 1
+    spatial_freeze_after: int | None = None
+    decay: float | Callable[[int], float] | None = None
+    track_stats: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "nm_interval", "spatial_interval"):
+            v = getattr(self, name)
+            low = 0 if name == "warmup_steps" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, found {v!r}")
+        for name in ("nm_freeze_after", "spatial_freeze_after"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be None or an int >= 0, found {v!r}")
+        if self.decay is not None and not callable(self.decay):
+            if not isinstance(self.decay, (int, float)) or self.decay < 0:
+                raise ValueError(f"decay must be a float >= 0 or a function of the step, not {self.decay!r}")
+
+    def updates(self, step: int, interval: int, freeze: int | None) -> bool:
+        """Whether masks of this kind move after optimizer step `step` (1-based)."""
+        if step < self.warmup_steps or (freeze is not None and step > freeze):
+            return False
+        return step == self.warmup_steps or (step - self.warmup_steps) % interval == 0
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers that expose one as `.optimizer` (mmengine's OptimWrapper)."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+        if optimizer is None or seen > 8:
+            raise TypeError("MaskScheduler needs a torch.optim.Optimizer or a wrapper exposing `.optimizer`")
+    return optimizer
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module  # DistributedDataParallel, DataParallel, EMA-style wrappers
+    return model
+
+
+class MaskScheduler:
+    """Moves the masks of a prepared model once per optimizer step, following a `MaskSchedule`.
+
+        model = spre_fx.prepare(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = spre_fx.MaskScheduler(model, opt, warmup_steps=100)
+
+    While attached, the modules stop updating masks in their forward. `stats` holds the last
+    step's statistics when `track_stats=True`. `state_dict()` / `load_state_dict()` resume.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any, schedule: MaskSchedule | None = None,
+                 **options: Any) -> None:
+        if schedule is not None and options:
+            raise ValueError("pass either schedule=MaskSchedule(...) or its fields, not both")
+        self.schedule = schedule or MaskSchedule(**options)
+        self.optimizer = _unwrap_optimizer(optimizer)
+        self.layers = {n: m for n, m in _unwrap_model(model).named_modules() if isinstance(m, _NMMixin)}
+        if not self.layers:
+            raise ValueError("the model has no N:M layers: call spre_fx.prepare(model) first")
+        self.step = 0
+        self.stats: dict[str, Any] = {}
+        for m in self.layers.values():
+            m.frozen = True
+        if self.schedule.warmup_steps:
+            self._set_dense()
+        self._apply_decay()
+        self._handle = self.optimizer.register_step_post_hook(self._after_step)
+
+    # ------------------------------------------------------------------ hooks
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        s = self.schedule
+        move_nm = s.updates(self.step, s.nm_interval, s.nm_freeze_after)
+        move_spatial = s.updates(self.step, s.spatial_interval, s.spatial_freeze_after)
+        if move_nm or move_spatial:
+            self._update(move_nm, move_spatial)
+        self._apply_decay()
+
+    @torch.no_grad()
+    def _update(self, move_nm: bool, move_spatial: bool) -> None:
+        track = self.schedule.track_stats
+        flips = total = spatial_changes = 0
+        per_layer = {}
+        for name, m in self.layers.items():
+            n, mm = m.nm
+            if move_nm:
+                new = nm_mask(m.weight, n, mm)
+                if track:
+                    flips += int((new != m.nm_mask).sum())
+                    total += new.numel()
+                m.nm_mask.copy_(new)
+            if move_spatial and isinstance(m, SpReConv2d):
+                new_s = spatial_mask(m.weight, 1.0 - n / mm)
+                if track:
+                    spatial_changes += int((new_s != m.spatial_mask).sum())
+                m.spatial_mask.copy_(new_s)
+            if track:
+                per_layer[name] = 1.0 - float(m.nm_mask.float().mean())
+        if track:
+            self.stats = {
+                "step": self.step,
+                "nm_flip_rate": flips / total if total else 0.0,
+                "spatial_mask_changes": spatial_changes,
+                "sparsity": per_layer,
+            }
+
+    def _set_dense(self) -> None:
+        with torch.no_grad():
+            for m in self.layers.values():
+                m.nm_mask.fill_(True)
+
+    def _apply_decay(self) -> None:
+        decay = self.schedule.decay
+        if decay is None:
+            return
+        value = float(decay(self.step) if callable(decay) else decay)
+        for m in self.layers.values():
+            m.decay = value
+
+    # ------------------------------------------------------------------ lifecycle
+    def remove(self) -> None:
+        """Detach from the optimizer; modules go back to following their weights in training."""
+        self._handle.remove()
+        for m in self.layers.values():
+            m.frozen = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self._apply_decay()
