@@ -7,6 +7,7 @@
 
 from .config import SpReConfig
 from .convert import convert
+from .modules import convert_sync_batchnorm
 from .prepare import prepare
 from .registry import register_leaf_function, register_leaf_module, register_norm
 from .report import Report, VerificationError, VerifyResult, report, verify
@@ -16,6 +17,7 @@ __all__ = [
     "SpReConfig",
     "prepare",
     "convert",
+    "convert_sync_batchnorm",
     "report",
     "MaskScheduler",
     "MaskSchedule",

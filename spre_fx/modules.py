@@ -218,6 +218,14 @@ class SpReBranches(NamedTuple):
     main: Tensor
     rep: Tensor
 
+    def __getattr__(self, name: str):
+        # Reached when a module other than its SpRe BatchNorm treats the pair as a tensor.
+        raise TypeError(
+            f"SpReBranches.{name}: the output of a SpReConv2d reached a module other than its "
+            "SpReBatchNorm2d. If nn.SyncBatchNorm.convert_sync_batchnorm ran after prepare, use "
+            "spre_fx.convert_sync_batchnorm instead (it keeps the SpRe branches)."
+        )
+
 
 class SpReConv2d(_NMMixin, nn.Conv2d):
     """Main N:M branch `conv(x, W ⊙ M_nm)` plus the extra branch `conv(x, W_r ⊙ M_nm ⊙ S)`.
@@ -343,3 +351,20 @@ def deploy_layer(module: nn.Module, norm: nn.Module | None) -> tuple[nn.Module, 
         return _with_weights(module, weight.clone(), bias), None
     w, b = fold_bn(weight, module.bias, BNStats.of(norm))
     return _with_weights(module, w, b), norm_spec(norm).after_fold(norm)
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """`nn.SyncBatchNorm.convert_sync_batchnorm` that keeps SpRe pairs: both branches' BNs sync.
+
+    Works on prepared and unprepared models (in place on children; returns the model).
+    """
+    if isinstance(model, _SpReNormMixin) and not isinstance(model, nn.SyncBatchNorm):
+        sync = _adopt(SpReSyncBatchNorm, model)
+        sync.process_group = process_group
+        sync.rep = nn.SyncBatchNorm.convert_sync_batchnorm(model.rep, process_group)
+        return sync
+    if isinstance(model, _BatchNorm) and not isinstance(model, _SpReNormMixin):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    for name, child in model.named_children():
+        model._modules[name] = convert_sync_batchnorm(child, process_group)
+    return model

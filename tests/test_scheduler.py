@@ -1,0 +1,204 @@
+"""MaskScheduler: masks move on real optimizer steps only, on schedule, and resume exactly."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import spre_fx
+from spre_fx.masks import nm_mask, spatial_mask
+
+from .nets import Block, tiny_input
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+def loss_of(model, x):
+    return model(x).square().mean()
+
+
+def step(model, opt, x):
+    opt.zero_grad()
+    loss_of(model, x).backward()
+    opt.step()
+
+
+def masks(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
+
+
+def follows_weights(model) -> bool:
+    for m in model.modules():
+        if hasattr(m, "nm_mask") and not torch.equal(m.nm_mask, nm_mask(m.weight, *m.nm)):
+            return False
+        if hasattr(m, "spatial_mask") and not torch.equal(m.spatial_mask, spatial_mask(m.weight, 0.5)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
+    lambda p: torch.optim.AdamW(p, lr=0.05),
+])
+def test_masks_move_once_per_step_not_per_forward(make_opt):
+    p = spre_fx.prepare(small_net())
+    opt = make_opt(p.parameters())
+    sched = spre_fx.MaskScheduler(p, opt)
+    x = tiny_input()
+    p.train()
+    before = masks(p)
+    with torch.no_grad():
+        p[1].conv1.weight.mul_(-1).add_(torch.randn_like(p[1].conv1.weight))
+    p(x)  # a forward alone never moves scheduled masks
+    assert all(torch.equal(v, masks(p)[k]) for k, v in before.items())
+    for _ in range(3):
+        step(p, opt, x)
+        assert follows_weights(p)
+    assert sched.step == 3
+
+
+def test_lr_scheduler_and_clipping_work_alongside():
+    p = spre_fx.prepare(small_net())
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    sched = spre_fx.MaskScheduler(p, opt)
+    x = tiny_input()
+    for _ in range(4):
+        opt.zero_grad()
+        loss_of(p, x).backward()
+        torch.nn.utils.clip_grad_norm_(p.parameters(), 0.1)
+        opt.step()
+        lr_sched.step()
+    assert sched.step == 4 and follows_weights(p)
+
+
+def test_skipped_amp_step_changes_no_mask():
+    p = spre_fx.prepare(small_net())
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(p, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = tiny_input()
+    before = masks(p)
+    opt.zero_grad()
+    scaler.scale(loss_of(p, x)).backward()
+    p[1].conv1.weight.grad[0, 0, 0, 0] = float("inf")  # an overflow: GradScaler skips the step
+    scaler.step(opt)
+    scaler.update()
+    assert sched.step == 0
+    assert all(torch.equal(v, masks(p)[k]) for k, v in before.items())
+    opt.zero_grad()
+    scaler.scale(loss_of(p, x)).backward()
+    scaler.step(opt)
+    assert sched.step == 1 and follows_weights(p)
+
+
+def test_gradient_accumulation_moves_masks_on_real_steps_only():
+    p = spre_fx.prepare(small_net())
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(p, opt)
+    x = tiny_input(batch=4)
+    for i in range(6):
+        loss_of(p, x[i % 2 * 2:(i % 2 + 1) * 2]).backward()
+        if i % 3 == 2:
+            opt.step()
+            opt.zero_grad()
+    assert sched.step == 2
+
+
+def test_warmup_interval_and_freeze():
+    p = spre_fx.prepare(small_net())
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(p, opt, warmup_steps=2, nm_interval=2, nm_freeze_after=6,
+                                  spatial_freeze_after=2, track_stats=True)
+    conv = p[1].conv1
+    x = tiny_input()
+    assert bool(conv.nm_mask.all())  # dense warm-up
+    history = []
+    for _ in range(9):
+        step(p, opt, x)
+        dense = bool(conv.nm_mask.all())
+        history.append((sched.step, dense, conv.nm_mask.clone(), conv.spatial_mask.clone()))
+        if sched.step == 2:
+            assert torch.equal(conv.nm_mask, nm_mask(conv.weight, 2, 4))  # first pruning at step 2
+            assert sched.stats["step"] == 2
+    assert history[0][1] and not history[1][1]  # dense through step 1, pruned after step 2
+    nm_at = {s: m for s, _, m, _ in history}
+    assert torch.equal(nm_at[3], nm_at[2])  # interval 2: no move at step 3
+    assert torch.equal(nm_at[7], nm_at[6]) and torch.equal(nm_at[9], nm_at[6])  # frozen after 6
+    spatial_at = {s: m for s, _, _, m in history}
+    assert torch.equal(spatial_at[9], spatial_at[2])  # spatial mask frozen after step 2
+    assert not follows_weights(p)
+
+
+def test_stats_and_decay_schedule():
+    p = spre_fx.prepare(small_net())
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(p, opt, decay=lambda s: 1e-3 / (1 + s), track_stats=True)
+    assert p[1].conv1.decay == pytest.approx(1e-3)
+    step(p, opt, tiny_input())
+    assert p[1].conv1.decay == pytest.approx(5e-4)
+    stats = sched.stats
+    assert stats["step"] == 1 and 0.0 <= stats["nm_flip_rate"] <= 1.0
+    assert stats["sparsity"]["1.conv1"] == pytest.approx(0.5)
+    assert isinstance(stats["spatial_mask_changes"], int)
+
+
+def test_optimizer_wrappers_and_bad_inputs():
+    class Wrapper:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    p = spre_fx.prepare(small_net())
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(torch.nn.parallel.DataParallel(p), Wrapper(opt))
+    step(p, opt, tiny_input())
+    assert sched.step == 1
+    sched.remove()
+    step(p, opt, tiny_input())
+    assert sched.step == 1  # detached
+    with pytest.raises(TypeError, match="Optimizer"):
+        spre_fx.MaskScheduler(p, object())
+    with pytest.raises(ValueError, match="prepare"):
+        spre_fx.MaskScheduler(small_net(), opt)
+    with pytest.raises(ValueError, match="nm_interval"):
+        spre_fx.MaskScheduler(p, opt, nm_interval=0)
+
+
+def _run(p, opt, sched, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(2, 3, 12, 12, generator=g)
+        step(p, opt, x)
+
+
+def test_resume_is_bit_exact():
+    """Save model + optimizer + scheduler, reload with weights_only=True: same run as without a stop."""
+    def fresh():
+        torch.manual_seed(1)
+        p = spre_fx.prepare(small_net())
+        opt = torch.optim.SGD(p.parameters(), lr=0.2, momentum=0.9)
+        return p, opt, spre_fx.MaskScheduler(p, opt, warmup_steps=1, nm_interval=2)
+
+    p, opt, sched = fresh()
+    _run(p, opt, sched, 3, seed=0)
+    buf = io.BytesIO()
+    torch.save({"model": p.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    _run(p, opt, sched, 4, seed=1)
+
+    q, opt2, sched2 = fresh()
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    q.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    _run(q, opt2, sched2, 4, seed=1)
+    assert sched2.step == sched.step == 7
+    for (k, a), b in zip(p.state_dict().items(), q.state_dict().values()):
+        assert torch.equal(a, b), k
