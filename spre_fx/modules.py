@@ -294,6 +294,8 @@ class _SpReNormMixin:
         new._spre_norm_spec = spec
         new.rep = _fresh_norm(bn)
         new.rep.train(bn.training)
+        if bn.weight is not None:  # a frozen BN (e.g. mmdet frozen_stages) freezes its branch too
+            new.rep.requires_grad_(bn.weight.requires_grad)
         if silent and new.rep.weight is not None:
             with torch.no_grad():
                 new.rep.weight.zero_()
