@@ -55,18 +55,24 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
     """
     check_nm_shape(weight, n, m)
     with torch.no_grad():
-        a = _groups(weight.detach().abs(), m)
+        o, c = weight.shape[:2]
+        # [O, C/M, M, taps] is a view of [O, C, *kernel]: no permuted copy is needed.
+        a = weight.detach().abs().reshape(o, c // m, m, -1)
         if m <= _PAIRWISE_MAX_M:
-            # rank_i = #{j : a_j > a_i} + #{j < i : a_j == a_i}; keep rank < N.
-            ai, aj = a.unsqueeze(-1), a.unsqueeze(-2)
-            before = torch.ones(m, m, dtype=torch.bool, device=a.device).tril(-1)
-            rank = ((aj > ai) | ((aj == ai) & before)).sum(-1)
+            # rank_i = #{j < i : a_j >= a_i} + #{j > i : a_j > a_i}; keep rank < N.
+            rank = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+            for j in range(m):
+                aj = a[:, :, j : j + 1]
+                if j + 1 < m:
+                    rank[:, :, j + 1 :] += aj >= a[:, :, j + 1 :]
+                if j:
+                    rank[:, :, :j] += aj > a[:, :, :j]
             keep = rank < n
         else:
-            order = torch.sort(a, dim=-1, descending=True, stable=True).indices
+            order = torch.sort(a, dim=2, descending=True, stable=True).indices
             keep = torch.zeros_like(a, dtype=torch.bool)
-            keep.scatter_(-1, order[..., :n], True)
-        return _ungroup(keep, weight)
+            keep.scatter_(2, order[:, :, :n], True)
+        return keep.reshape(weight.shape)
 
 
 def nm_violations(weight: Tensor, n: int, m: int) -> int:
