@@ -95,11 +95,12 @@ def magnitude_mask(weight: Tensor, rate: float) -> Tensor:
         raise ValueError(f"pruning rate must be in [0, 1), found {rate}")
     with torch.no_grad():
         a = weight.detach().abs()
+        if a.dtype not in (torch.float32, torch.float64):
+            a = a.float()  # kthvalue has no half-precision CPU kernel; float32 holds them exactly
         k = int(round(rate * a.numel()))
         if k == 0:
             return torch.ones_like(a, dtype=torch.bool)
-        threshold = a.flatten().float().kthvalue(k).values
-        return a.float() > threshold
+        return a > a.flatten().kthvalue(k).values
 
 
 def spatial_sparsity(mask: Tensor) -> Tensor:
@@ -131,7 +132,8 @@ class _SRSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         weight, mask = ctx.saved_tensors
         if ctx.decay:
-            grad = grad + ctx.decay * weight * ~mask
+            pruned = ~mask if mask.dtype == torch.bool else 1 - mask
+            grad = grad + ctx.decay * weight * pruned
         return grad, None, None
 
 
