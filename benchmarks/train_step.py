@@ -1,0 +1,123 @@
+"""Training-step speed of plain N:M and SpRe against dense and the naive SpRe build.
+
+One training step = forward, backward, optimizer step (SGD), mask scheduling. Variants run
+interleaved in one process (dense, nm, spre, naive, dense, ...), and each figure is the median
+of per-round ratios against the dense step of the same round. The training-FLOP ratio of the
+prepared model over the dense one is printed beside the measurement.
+
+    python benchmarks/train_step.py --model resnet18 --batch 16 --size 96
+    python benchmarks/train_step.py --model resnet50 --batch 8 --size 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+import spre_fx
+from spre_fx.modules import SpReConv2d
+
+try:
+    from naive_spre import naive_spre
+except ImportError:  # run as a module
+    from benchmarks.naive_spre import naive_spre
+
+
+def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every conv and linear (both SpRe branches) in one forward."""
+    total = 0
+
+    def conv_hook(m, inp, out):
+        nonlocal total
+        outs = out if isinstance(out, tuple) else (out,)
+        for o in outs:  # a SpReConv2d returns (main, rep): two convs' worth of work
+            total += o.numel() * m.weight[0].numel()
+
+    def linear_hook(m, inp, out):
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            handles.append(mod.register_forward_hook(conv_hook))
+        elif isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_hook(linear_hook))
+    with torch.no_grad():
+        model.eval()
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: bool):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if scheduled:
+        spre_fx.MaskScheduler(model, opt)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> float:
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    return step
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-naive", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dense = getattr(torchvision.models, args.model)(num_classes=100)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 100, (args.batch,))
+    variants = {
+        "dense": (dense, False),
+        "nm": (spre_fx.prepare(dense, spre=False), True),
+        "spre": (spre_fx.prepare(dense), True),
+    }
+    if not args.no_naive:
+        variants["naive-spre"] = (naive_spre(dense), False)
+    # The naive build calls its convs functionally (no hooks fire): it does SpRe's work.
+    flops = {k: forward_macs(m, x[:1]) for k, (m, _) in variants.items() if k != "naive-spre"}
+    flops["naive-spre"] = flops["spre"]
+    steps = {k: make_step(m, x, y, s) for k, (m, s) in variants.items()}
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for k, step in steps.items():
+            times[k].append(step())
+    print(f"{args.model}, batch {args.batch} at {args.size}px, {args.threads} threads, "
+          f"{args.rounds} interleaved rounds, torch {torch.__version__}")
+    print(f"{'variant':12s} {'median step':>12s} {'ratio vs dense':>15s} {'FLOP ratio':>11s}")
+    for k in steps:
+        ratios = [t / d for t, d in zip(times[k], times["dense"])]
+        print(f"{k:12s} {statistics.median(times[k]) * 1e3:10.1f}ms {statistics.median(ratios):15.3f} "
+              f"{flops[k] / flops['dense']:11.3f}")
+    if "naive-spre" in times:
+        r = [a / b for a, b in zip(times["spre"], times["naive-spre"])]
+        print(f"spre / naive-spre: {statistics.median(r):.3f} (goal: clearly below 1)")
+    n_spre = sum(isinstance(m, SpReConv2d) for m in variants["spre"][0].modules())
+    print(f"SpRe branches: {n_spre}; goals: nm <= 1.05, spre <= FLOP ratio")
+
+
+if __name__ == "__main__":
+    main()
