@@ -7,6 +7,7 @@ import dataclasses
 
 from torch import nn
 
+from .export import apply_backend, check_backend
 from .modules import deploy_layer
 from .patterns import DENSE
 from .prepare import attach_plan, plan_of, set_module
@@ -14,17 +15,23 @@ from .prepare import attach_plan, plan_of, set_module
 __all__ = ["convert"]
 
 
-def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = False, backend: str = "dense") -> nn.Module:
     """Return the deployable form of a prepared model.
 
     Every SpRe pair becomes one conv with bias (SPRE.md §4), every conv→BN pair found by
     `prepare` (dense ones too) is folded, and masks are baked into the weights: the result holds
     the user's own conv / linear classes only, each N:M layer exactly N:M along [O, kh, kw, C],
     and equals the prepared model in eval mode.
+
+    backend="semi_structured" (CUDA, compute capability >= 8.0; model on the GPU, fp16/bf16)
+    then runs every eligible Linear and groups=1 Conv2d on torch's 2:4 sparse kernels
+    (`spre_fx.export.to_semi_structured`); `spre_fx.report(model)` says why any layer stayed
+    dense. Without CUDA it raises RuntimeError before anything changes. docs/deploy.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, found {type(model).__name__}")
     plan = plan_of(model, stage="prepared")
+    check_backend(backend, model)
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -37,4 +44,4 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if replacement is not None:
             set_module(model, lp.norm, replacement)
     attach_plan(model, dataclasses.replace(plan, stage="converted"))
-    return model
+    return apply_backend(model, backend)
