@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .compare import modes_restored, relative_error
 from .masks import is_nm, nm_violations
 from .modules import effective_weight
 from .patterns import DENSE, LayerPlan, Plan
@@ -724,18 +725,6 @@ def _match(candidates: list, used: set[int], name: str, ref) -> tuple[int, str] 
     return None
 
 
-def _relative_error(ref: list, got: list) -> float:
-    worst = 0.0
-    for a, b in zip(ref, got, strict=True):
-        a = a.astype("float64")
-        b = b.astype("float64")
-        if a.shape != b.shape:
-            return float("inf")
-        if a.size:
-            worst = max(worst, float(abs(a - b).max() / max(abs(a).max(), 1e-30)))
-    return worst
-
-
 def export_onnx(
     converted: nn.Module,
     example_inputs: Tensor | tuple,
@@ -764,15 +753,11 @@ def export_onnx(
         )
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     path = os.fspath(path)
-    modes = {mod: mod.training for mod in converted.modules()}
-    try:
+    with modes_restored(converted):
         converted.eval()
         torch.onnx.export(converted, args, path, dynamo=dynamo, **export_kwargs)
         with torch.no_grad():
             ref = converted(*args)
-    finally:
-        for mod, mode in modes.items():
-            mod.training = mode
     weights = onnx_weights(path, converted)
     broken = [w.layer for w in weights if w.nm is False]
     if broken:
@@ -789,20 +774,8 @@ def export_onnx(
             feeds = [t for t in args if isinstance(t, Tensor)]
             inputs = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), feeds)}
             got = session.run(None, inputs)
-            want = [t.detach().cpu().numpy() for t in _tensors(ref)]
-            error = _relative_error(want, got) if len(want) == len(got) else float("inf")
+            error = relative_error(ref, [torch.from_numpy(g) for g in got])
             if error > rtol:
                 raise ValueError(
                     f"onnxruntime output differs from PyTorch: relative error {error:.3g} > {rtol:g}")
     return OnnxExport(path, plan.config.nm, weights, error)
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)

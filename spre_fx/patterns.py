@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .compare import modes_restored
 from .config import SpReConfig
 from .registry import is_leaf_class, leaf_functions, norm_spec
 
@@ -151,16 +152,12 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]]) -> _Flow:
 
 def _flows(model: nn.Module, concrete_args, failures) -> list[_Flow]:
     """One `_Flow` per mode (training, eval); the model's modes are restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
     flows = []
-    try:
+    with modes_restored(model):
         for training in (True, False):
             model.train(training)
             graphs = list(_trace_graphs(model, "", concrete_args, failures if training else []))
             flows.append(_read_flow(model, graphs))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return flows
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .compare import modes_restored, relative_error
 from .export import FlopEstimate, KernelAdvice, advise, dense_weight
 from .masks import magnitude_mask, nm_violations, spatial_sparsity
 from .patterns import DENSE, SPRE
@@ -167,38 +167,6 @@ class VerifyResult:
     tolerance: float
 
 
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-    elif hasattr(obj, "__dict__"):
-        for v in vars(obj).values():
-            yield from _tensors(v)
-
-
-def _relative_error(a: Any, b: Any) -> float:
-    ta, tb = list(_tensors(a)), list(_tensors(b))
-    if len(ta) != len(tb):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(ta, tb):
-        if x.shape != y.shape:
-            return float("inf")
-        if not x.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(x, y) else float("inf"))
-            continue
-        x, y = x.detach().double(), y.detach().double()
-        scale = x.abs().max().clamp_min(1e-30) if x.numel() else 1.0
-        diff = (x - y).abs().max() if x.numel() else torch.tensor(0.0)
-        worst = max(worst, float(diff / scale))
-    return worst
-
-
 def _default_tolerance(model: nn.Module) -> float:
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None else torch.float32
@@ -212,16 +180,12 @@ def _run(model: nn.Module, names: list[str], args: tuple, kwargs: dict) -> tuple
         modules[n].register_forward_hook(lambda _m, _i, out, n=n: seen.setdefault(n, out))
         for n in names
     ]
-    modes = {mod: mod.training for mod in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
-            out = model(*args, **kwargs)
+        with modes_restored(model), torch.no_grad():
+            out = model.eval()(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-        for mod, mode in modes.items():
-            mod.training = mode
     return out, seen
 
 
@@ -247,7 +211,7 @@ def verify(
     names = [lp.norm or lp.name for lp in plan.layers]
     out_p, seen_p = _run(prepared, names, args, kwargs)
     out_c, seen_c = _run(converted, names, args, kwargs)
-    layer_errors = {n: _relative_error(seen_p[n], seen_c[n]) for n in names if n in seen_p}
+    layer_errors = {n: relative_error(seen_p[n], seen_c[n]) for n in names if n in seen_p}
     conv_modules = dict(converted.named_modules())
     n, m = plan.config.nm
     violations = {
@@ -255,7 +219,7 @@ def verify(
         for lp in plan.layers
         if lp.treatment != DENSE
     }
-    result = VerifyResult(_relative_error(out_p, out_c), layer_errors, violations, tol)
+    result = VerifyResult(relative_error(out_p, out_c), layer_errors, violations, tol)
     problems = []
     if result.output_error > tol:
         problems.append(f"output: relative error {result.output_error:.3g} > {tol:g}")
