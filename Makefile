@@ -12,7 +12,7 @@ test: venv
 	$(PY) -m pytest -n 2 --durations=15 -ra
 
 demo: venv
-	$(PY) examples/demo.py
+	$(PY) examples/digits.py
 
 lint: venv
 	$(PY) -m ruff check spre_fx integrations tests examples benchmarks
