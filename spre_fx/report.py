@@ -68,7 +68,7 @@ class Report:
             if lr.spatial_sparsity is not None:
                 flat = torch.tensor(lr.spatial_sparsity).flatten()
                 prof = f"{flat.min():.2f}-{flat.max():.2f}"
-            cov = "-" if lr.nm_coverage is None else f"{lr.nm_coverage:.1%}"
+            cov = "-" if lr.nm_coverage is None or lr.treatment == DENSE else f"{lr.nm_coverage:.1%}"
             shape = "x".join(map(str, lr.shape))
             kernel = "-" if lr.kernel is None else _kernel_cell(lr.kernel)
             rows.append((lr.name, lr.treatment, shape, cov, f"{lr.sparsity:.1%}", prof, kernel, lr.reason))
