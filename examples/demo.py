@@ -2,6 +2,7 @@
 
 The data are a fixed random tensor dataset with a learnable signal: each class adds its own
 smooth mean pattern to Gaussian noise, so the loss visibly falls within a few SGD steps.
+About 25 s on 2 otherwise idle CPU cores (torch 2.14.1); longer when the cores are shared.
 
     make demo
     PYTHONPATH=. .venv/bin/python examples/demo.py --steps 20 --batch 16 --size 64
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="SGD steps")
     parser.add_argument("--batch", type=int, default=16, help="batch size")
     parser.add_argument("--size", type=int, default=64, help="image height and width")
+    parser.add_argument("--lr", type=float, default=0.005, help="SGD learning rate")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = parser.parse_args()
 
@@ -52,8 +54,9 @@ def main() -> None:
           f"{counts.count('dense')} dense layers")
 
     images, labels = make_dataset(max(8 * args.batch, 160), args.size)
-    # SPRE.md §5 recipe, scaled to a tiny run: SGD momentum 0.9, label smoothing 0.1.
-    opt = torch.optim.SGD(prepared.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    # SPRE.md §5 recipe scaled to a tiny run: SGD momentum 0.9, label smoothing 0.1, and an LR near
+    # 0.1 x batch / 256 (no warm-up or cosine schedule over 20 steps).
+    opt = torch.optim.SGD(prepared.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     g = torch.Generator().manual_seed(1)
     prepared.train()
@@ -67,10 +70,7 @@ def main() -> None:
         if step == 1 or step % every == 0 or step == args.steps:
             print(f"step {step:3d}/{args.steps}  loss {loss.item():.3f}", flush=True)
 
-    prepared.eval()
-    with torch.no_grad():
-        acc = (prepared(images[:64]).argmax(1) == labels[:64]).float().mean().item()
-    print(f"eval accuracy on 64 training images: {acc:.0%}")
+    prepared.eval()  # convert folds the BatchNorms' running statistics: eval-mode semantics
 
     converted = spre_fx.convert(prepared)
     result = spre_fx.verify(prepared, converted, images[:4])
