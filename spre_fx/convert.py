@@ -10,9 +10,23 @@ from torch import nn
 from .export import apply_backend, check_backend
 from .modules import deploy_layer
 from .patterns import DENSE
-from .prepare import attach_plan, plan_of, set_module
+from .prepare import attach_plan, module_aliases, plan_of, set_module
 
 __all__ = ["convert"]
+
+
+def _copy_except(model: nn.Module, replaced: list[str]) -> nn.Module:
+    """A deep copy of `model` that shares, instead of copying, the tensors of `replaced` modules.
+
+    `convert` builds new parameters for every one of those modules, so the copy never holds
+    the shared tensors once it is returned, and the input model is never written to.
+    """
+    memo: dict[int, object] = {}
+    modules = dict(model.named_modules())
+    for name in replaced:
+        for t in (*modules[name].parameters(recurse=False), *modules[name].buffers(recurse=False)):
+            memo[id(t)] = t
+    return copy.deepcopy(model, memo)
 
 
 def convert(model: nn.Module, *, inplace: bool = False, backend: str = "dense") -> nn.Module:
@@ -32,16 +46,16 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: str = "dense") 
         raise TypeError(f"convert expects a torch.nn.Module, found {type(model).__name__}")
     plan = plan_of(model, stage="prepared")
     check_backend(backend, model)
+    folded = [lp for lp in plan.layers if lp.treatment != DENSE or lp.norm is not None]
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy_except(model, [n for lp in folded for n in (lp.name, lp.norm) if n])
     modules = dict(model.named_modules())
-    for lp in plan.layers:
-        if lp.treatment == DENSE and lp.norm is None:
-            continue
+    aliases = module_aliases(model)
+    for lp in folded:
         norm = modules[lp.norm] if lp.norm else None
         layer, replacement = deploy_layer(modules[lp.name], norm)
-        set_module(model, lp.name, layer)
+        set_module(model, lp.name, layer, aliases)
         if replacement is not None:
-            set_module(model, lp.norm, replacement)
+            set_module(model, lp.norm, replacement, aliases)
     attach_plan(model, dataclasses.replace(plan, stage="converted"))
     return apply_backend(model, backend)

@@ -56,23 +56,23 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
     check_nm_shape(weight, n, m)
     with torch.no_grad():
         o, c = weight.shape[:2]
-        # [O, C/M, M, taps] is a view of [O, C, *kernel]: no permuted copy is needed.
-        a = weight.detach().abs().reshape(o, c // m, m, -1)
+        # [M, O, C/M, taps]: member i of every group is one contiguous block, so each
+        # comparison below is a single dense pass.
+        a = weight.detach().abs().reshape(o, c // m, m, -1).permute(2, 0, 1, 3).contiguous()
         if m <= _PAIRWISE_MAX_M:
-            # rank_i = #{j < i : a_j >= a_i} + #{j > i : a_j > a_i}; keep rank < N.
-            rank = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
-            for j in range(m):
-                aj = a[:, :, j : j + 1]
-                if j + 1 < m:
-                    rank[:, :, j + 1 :] += aj >= a[:, :, j + 1 :]
-                if j:
-                    rank[:, :, :j] += aj > a[:, :, :j]
-            keep = rank < n
+            keep = torch.empty(a.shape, dtype=torch.bool, device=a.device)
+            for i in range(m):
+                # rank_i = #{j < i : a_j >= a_i} + #{j > i : a_j > a_i}; keep rank < N.
+                rank = torch.zeros(a.shape[1:], dtype=torch.uint8, device=a.device)
+                for j in range(m):
+                    if j != i:
+                        rank += a[j] >= a[i] if j < i else a[j] > a[i]
+                torch.lt(rank, n, out=keep[i])
         else:
-            order = torch.sort(a, dim=2, descending=True, stable=True).indices
+            order = torch.sort(a, dim=0, descending=True, stable=True).indices
             keep = torch.zeros_like(a, dtype=torch.bool)
-            keep.scatter_(2, order[:, :, :n], True)
-        return keep.reshape(weight.shape)
+            keep.scatter_(0, order[:n], True)
+        return keep.permute(1, 2, 0, 3).reshape(weight.shape)
 
 
 def nm_violations(weight: Tensor, n: int, m: int) -> int:

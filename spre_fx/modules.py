@@ -73,10 +73,16 @@ def _per_out(t: Tensor, weight: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is folded in float32 (one rounding per product)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 def fold_bn(weight: Tensor, bias: Tensor | None, bn: BNStats) -> tuple[Tensor, Tensor]:
     """Fold an eval-mode BatchNorm into the conv before it: `BN(conv(x, W) + b) = conv(x, W') + b'`."""
+    dtype = _compute_dtype(weight)
     t, shift = bn.scale_shift()
-    w = weight.detach().double() * _per_out(t, weight)
+    w = weight.detach().to(dtype) * _per_out(t.to(dtype), weight)
     b = shift if bias is None else shift + t * bias.detach().double()
     return w.to(weight.dtype), b.to(weight.dtype)
 
@@ -95,11 +101,12 @@ def merge_spre(
     W' = (t_main·W + t_rep·(W_r ⊙ S)) ⊙ M_nm,  b' = shift_main + shift_rep (+ t_main·bias).
     supp(W') ⊆ supp(M_nm): the result is N:M without any projection.
     """
+    dtype = _compute_dtype(weight)
     t, shift = bn.scale_shift()
     t_rep, shift_rep = bn_rep.scale_shift()
-    w = _per_out(t, weight) * weight.detach().double()
-    w = w + _per_out(t_rep, weight) * weight_rep.detach().double() * spatial
-    w = w * nm
+    w = _per_out(t.to(dtype), weight) * weight.detach().to(dtype)
+    w += _per_out(t_rep.to(dtype), weight) * (weight_rep.detach().to(dtype) * spatial)
+    w *= nm
     b = shift + shift_rep
     if bias is not None:
         b = b + t * bias.detach().double()

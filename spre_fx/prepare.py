@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -41,20 +41,35 @@ def attach_plan(model: nn.Module, plan: Plan) -> None:
     object.__setattr__(model, _STATE, plan)  # a plain attribute: not a parameter, buffer or child
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` at `name`, and at every other name the replaced module object is known by."""
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module object is registered under, keyed by `id(module)`."""
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        aliases[id(mod)].append(name)
+    return aliases
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module, aliases: dict | None = None) -> None:
+    """Put `new` at `name`, and at every other name the replaced module object is known by.
+
+    Pass `aliases` (from `module_aliases`, kept up to date here) when swapping many modules.
+    """
+    aliases = module_aliases(model) if aliases is None else aliases
     old = model.get_submodule(name)
-    for alias, mod in model.named_modules(remove_duplicate=False):
-        if mod is old:
-            parent, _, attr = alias.rpartition(".")
-            setattr(model.get_submodule(parent), attr, new)
+    names = aliases.pop(id(old), [name])
+    for alias in names:
+        parent, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    aliases[id(new)] = names
 
 
 def _check_finite(model: nn.Module) -> None:
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedParameter):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"'{name}' holds NaN or inf values: spre_fx needs finite weights")
+    tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedParameter)]
+    # One float64 reduction per tensor, no temporary: NaN and ±inf both survive a sum times 0.
+    for name, t in tensors:
+        if not torch.isfinite(t.detach().sum(dtype=torch.float64) * 0):
+            raise ValueError(f"'{name}' holds NaN or inf values: spre_fx needs finite weights")
 
 
 def _config(nm, spre, config: SpReConfig | None, options: dict[str, Any]) -> SpReConfig:
@@ -94,19 +109,20 @@ def prepare(
         model = copy.deepcopy(model)
     plan = discover(model, config, concrete_args)
     modules = dict(model.named_modules())
+    aliases = module_aliases(model)
     for lp in plan.layers:
         if lp.treatment == DENSE:
             continue
         layer = modules[lp.name]
         if lp.treatment == SPRE:
             norm = modules[lp.norm]
-            set_module(model, lp.name, SpReConv2d.adopt(layer, config.n, config.m, config.decay))
+            set_module(model, lp.name, SpReConv2d.adopt(layer, config.n, config.m, config.decay), aliases)
             set_module(
-                model, lp.norm, SpReBatchNorm2d.adopt(norm, norm_spec(norm), config.silent_branch)
+                model, lp.norm, SpReBatchNorm2d.adopt(norm, norm_spec(norm), config.silent_branch), aliases
             )
         else:
-            base = next(b for b in NM_CLASSES if isinstance(layer, b))
-            set_module(model, lp.name, NM_CLASSES[base].adopt(layer, config.n, config.m, config.decay))
+            cls = NM_CLASSES[next(b for b in NM_CLASSES if isinstance(layer, b))]
+            set_module(model, lp.name, cls.adopt(layer, config.n, config.m, config.decay), aliases)
     attach_plan(model, plan)
     counts = Counter(lp.treatment for lp in plan.layers)
     log.info(
