@@ -89,6 +89,22 @@ def is_nm(weight: Tensor, n: int, m: int) -> bool:
     return nm_violations(weight, n, m) == 0
 
 
+def _kth_smallest(a: Tensor, k: int) -> Tensor:
+    """The k-th smallest (1-based) of a non-negative float32/float64 tensor, exactly.
+
+    Non-negative floats sort like their bit patterns: a histogram of the top bits finds the
+    bucket holding the k-th value, and only that bucket goes through `kthvalue` (several times
+    faster than `kthvalue` on the whole layer).
+    """
+    flat = a.reshape(-1)
+    wide = flat.dtype == torch.float64
+    bucket = (flat.view(torch.int64) >> 48) if wide else (flat.view(torch.int32) >> 16).long()
+    below = torch.bincount(bucket).cumsum(0)
+    b = int(torch.searchsorted(below, k))
+    before = int(below[b - 1]) if b else 0
+    return flat[bucket == b].kthvalue(k - before).values
+
+
 def magnitude_mask(weight: Tensor, rate: float) -> Tensor:
     """Layer-wise unstructured magnitude pruning: drop the `rate` fraction of smallest |w|."""
     if not 0.0 <= rate < 1.0:
@@ -100,7 +116,7 @@ def magnitude_mask(weight: Tensor, rate: float) -> Tensor:
         k = int(round(rate * a.numel()))
         if k == 0:
             return torch.ones_like(a, dtype=torch.bool)
-        return a > a.flatten().kthvalue(k).values
+        return a > _kth_smallest(a, k)
 
 
 def spatial_sparsity(mask: Tensor) -> Tensor:
