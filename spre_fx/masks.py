@@ -58,16 +58,18 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
         o, c = weight.shape[:2]
         # [M, O, C/M, taps]: member i of every group is one contiguous block, so each
         # comparison below is a single dense pass.
-        a = weight.detach().abs().reshape(o, c // m, m, -1).permute(2, 0, 1, 3).contiguous()
+        view = weight.detach().reshape(o, c // m, m, -1).permute(2, 0, 1, 3)
+        a = torch.empty(view.shape, dtype=weight.dtype, device=weight.device)
+        torch.abs(view, out=a)
         if m <= _PAIRWISE_MAX_M:
-            keep = torch.empty(a.shape, dtype=torch.bool, device=a.device)
+            # rank_i = #{j : a_j beats a_i}; a tie goes to the lower index. Keep rank < N.
+            rank = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
             for i in range(m):
-                # rank_i = #{j < i : a_j >= a_i} + #{j > i : a_j > a_i}; keep rank < N.
-                rank = torch.zeros(a.shape[1:], dtype=torch.uint8, device=a.device)
-                for j in range(m):
-                    if j != i:
-                        rank += a[j] >= a[i] if j < i else a[j] > a[i]
-                torch.lt(rank, n, out=keep[i])
+                for j in range(i + 1, m):
+                    j_wins = a[i] < a[j]
+                    rank[i] += j_wins
+                    rank[j] += ~j_wins
+            keep = rank < n
         else:
             order = torch.sort(a, dim=0, descending=True, stable=True).indices
             keep = torch.zeros_like(a, dtype=torch.bool)

@@ -158,8 +158,8 @@ class _NMMixin:
         self.nm = (n, m)
         self.decay = decay
         self.frozen = False
-        self.register_buffer("nm_mask", torch.ones_like(self.weight, dtype=torch.bool))
-        self.update_masks()
+        self.register_buffer("nm_mask", nm_mask(self.weight, n, m))
+        self._mask_version = self.weight._version
 
     @torch.no_grad()
     def update_masks(self) -> None:
@@ -249,7 +249,7 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
         rep = torch.empty_like(w, requires_grad=False)
         nn.init.kaiming_normal_(rep, mode="fan_in")
         new.weight_rep = nn.Parameter(rep, requires_grad=w.requires_grad)
-        new.register_buffer("spatial_mask", torch.ones(w.shape[2:], dtype=torch.bool, device=w.device))
+        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m))
         new._init_nm(n, m, decay)
         return new
 
