@@ -227,6 +227,8 @@ class SpReBranches(NamedTuple):
 
     def __getattr__(self, name: str):
         # Reached when a module other than its SpRe BatchNorm treats the pair as a tensor.
+        if name.startswith("_"):
+            raise AttributeError(name)  # protocol probes (copy, pickle, torch.compile)
         raise TypeError(
             f"SpReBranches.{name}: the output of a SpReConv2d reached a module other than its "
             "SpReBatchNorm2d. If nn.SyncBatchNorm.convert_sync_batchnorm ran after prepare, use "
