@@ -11,6 +11,7 @@ lacks: a conv or BN module called from more than one place is never paired).
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -90,12 +91,32 @@ def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, (_ConvNd, nn.Linear))
 
 
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _plain_defaults(module: nn.Module) -> dict[str, Any]:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and isinstance(p.default, _PLAIN)
+    }
+
+
 def _trace_graphs(
     root: nn.Module, prefix: str, concrete_args: dict[str, Any] | None, failures: list
 ) -> Iterator[tuple[str, fx.Graph]]:
-    """Graphs covering `root`: its own, or, where it does not trace, its children's."""
+    """Graphs covering `root`: its own, or, where it does not trace, its children's.
+
+    Optional forward arguments with plain defaults (`activate=True`, `mode='tensor'`) are
+    traced at their defaults, the way the parent most likely calls them.
+    """
     try:
-        yield prefix, SpReTracer().trace(root, concrete_args=concrete_args)
+        args = {**_plain_defaults(root), **(concrete_args or {})}
+        yield prefix, SpReTracer().trace(root, concrete_args=args or None)
         return
     except Exception as err:  # fx raises many types; every one means "trace the children"
         failures.append((prefix or "<model>", f"{type(err).__name__}: {err}".splitlines()[0][:200]))
@@ -193,7 +214,8 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
     if not isinstance(layer, _CONVS):
         return None, f"{type(layer).__name__} is not folded"
     base = next(c for c in _CONVS if isinstance(layer, c))
-    if not isinstance(norm, (_NORM_FOR_CONV[base], nn.SyncBatchNorm)):
+    other_dims = [n for c, n in _NORM_FOR_CONV.items() if c is not base]
+    if isinstance(norm, tuple(other_dims)):  # dimension-agnostic norms (SyncBN, _BatchNormXd) pass
         return None, f"'{bn}' ({type(norm).__name__}) does not match a {base.__name__}"
     if norm.num_features != layer.out_channels:
         return None, f"'{bn}' has {norm.num_features} features, the conv {layer.out_channels} outputs"

@@ -159,6 +159,13 @@ class MaskScheduler:
             m.decay = value
 
     # ------------------------------------------------------------------ lifecycle
+    def refresh_masks(self) -> None:
+        """Recompute every mask from the current weights now (after re-initialising or loading
+        weights without their masks). Outside a dense warm-up only; the step count is kept."""
+        if self.step < self.schedule.warmup_steps:
+            return
+        self._update(move_nm=True, move_spatial=True)
+
     def remove(self) -> None:
         """Detach from the optimizer; modules go back to following their weights in training."""
         self._handle.remove()

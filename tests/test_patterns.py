@@ -223,3 +223,55 @@ def test_conv1d_and_conv3d_get_nm_and_fold():
     roundtrip(m1, torch.randn(2, 3, 16))
     m3 = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Conv3d(8, 8, 3), nn.BatchNorm3d(8))
     roundtrip(m3, torch.randn(2, 3, 8, 8, 8))
+
+
+class OptionalNorm(nn.Module):
+    """A ConvModule-like block: Python control flow on plain keyword defaults."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, norm=True, activate=True):
+        x = self.conv(x)
+        if norm:
+            x = self.bn(x)
+        return torch.relu(x) if activate else x
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([OptionalNorm(), OptionalNorm()])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks[: int(x.shape[0] > 0) + 1]:  # data-dependent length: fx fails
+            x = block(x)
+        return x
+
+
+def test_children_trace_at_their_plain_defaults():
+    """A child whose forward branches on `norm=True` is traced on that default path."""
+    torch.manual_seed(0)
+    layers = plan(Untraceable())
+    assert layers["blocks.0.conv"].treatment == "spre" and layers["blocks.1.conv"].treatment == "spre"
+    roundtrip(Untraceable(), tiny_input())
+
+
+def test_dimension_agnostic_batchnorm_pairs():
+    """A _BatchNorm subclass without a fixed rank (mmengine's _BatchNormXd) is paired."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    class BatchNormXd(_BatchNorm):
+        def _check_input_dim(self, input):
+            return
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), BatchNormXd(8),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm1d(8))
+    layers = plan(model)
+    assert layers["1"].treatment == "spre" and layers["1"].norm == "2"
+    assert layers["3"].norm is None and "does not match" in layers["3"].reason

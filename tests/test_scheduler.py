@@ -202,3 +202,16 @@ def test_resume_is_bit_exact():
     assert sched2.step == sched.step == 7
     for (k, a), b in zip(p.state_dict().items(), q.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_refresh_masks_after_reinitialising_weights():
+    p = spre_fx.prepare(small_net())
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(p, opt)
+    with torch.no_grad():
+        for m in p.modules():
+            if hasattr(m, "nm_mask"):
+                m.weight.copy_(torch.randn_like(m.weight))
+    assert not follows_weights(p)
+    sched.refresh_masks()
+    assert follows_weights(p) and sched.step == 0
