@@ -150,8 +150,10 @@ class _SRSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         weight, mask = ctx.saved_tensors
         if ctx.decay:
-            pruned = ~mask if mask.dtype == torch.bool else 1 - mask
-            grad = grad + ctx.decay * weight * pruned
+            if mask.dtype == torch.bool:  # two passes: one add, one select
+                grad = torch.where(mask, grad, torch.add(grad, weight, alpha=ctx.decay))
+            else:
+                grad = grad + ctx.decay * weight * (1 - mask)
         return grad, None, None
 
 
