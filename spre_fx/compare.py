@@ -41,7 +41,10 @@ def relative_error(reference: Any, other: Any) -> float:
             continue
         if x.numel():
             x, y = x.detach().double(), y.detach().double().to(x.device)
-            worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)))
+            err = float((x - y).abs().max() / x.abs().max().clamp_min(1e-30))
+            if err != err:  # NaN anywhere: max() would silently drop it
+                return float("inf")
+            worst = max(worst, err)
     return worst
 
 

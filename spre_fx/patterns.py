@@ -78,6 +78,8 @@ class _Flow:
 
     calls: Counter = field(default_factory=Counter)
     attr_reads: Counter = field(default_factory=Counter)
+    # module -> the opaque leaf (nn.MultiheadAttention, a registered leaf) it lives inside
+    inside: dict[str, str] = field(default_factory=dict)
     first_conv: str | None = None
     # conv name -> (BN name, None) for a candidate pair, or (None, reason) when there is none
     follows: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
@@ -147,6 +149,10 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]]) -> _Flow:
             name = _join(prefix, node.target)
             flow.calls[name] += 1
             mod = modules.get(name)
+            if not _is_layer(mod) and not isinstance(mod, _BatchNorm):
+                for sub, _ in mod.named_modules(prefix=name):  # fx does not see how it uses them
+                    if sub != name:
+                        flow.inside.setdefault(sub, name)
             if not isinstance(mod, _ConvNd):
                 continue
             if not prefix:  # only a trace of the whole model knows which conv runs first
@@ -257,6 +263,22 @@ def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, s
     return ""
 
 
+def _hidden_use(name: str, flows: list[_Flow]) -> str:
+    """Why masking `name`'s forward would not reach every use of its weight ('' when it would)."""
+    for flow in flows:
+        if flow.attr_reads[name]:
+            return (
+                "its weight is read directly in the forward (e.g. F.linear(x, self.fc.weight)), "
+                "where an N:M mask on the layer's own forward would not reach it: left dense"
+            )
+        if name in flow.inside and not flow.calls[name]:
+            return (
+                f"inside '{flow.inside[name]}', which fx does not enter (e.g. nn.MultiheadAttention "
+                "reads its out_proj.weight directly): its use of this layer is unknown, left dense"
+            )
+    return ""
+
+
 def _shared_weights(model: nn.Module) -> set[str]:
     owners: dict[int, set[str]] = defaultdict(set)
     for mod_name, mod in model.named_modules(remove_duplicate=False):
@@ -290,7 +312,7 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
             continue
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         shape = tuple(m.weight.shape) if not isinstance(m.weight, nn.parameter.UninitializedParameter) else ()
-        blocker = _nm_blocker(name, m, config, stem, shared)
+        blocker = _nm_blocker(name, m, config, stem, shared) or _hidden_use(name, flows)
         bn, no_pair = (None, "") if kind == "linear" or name in shared else _pair(name, flows, modules)
         if kind == "conv" and name in shared:
             no_pair = "module or weight shared under several names"

@@ -127,3 +127,14 @@ def test_verify_detects_a_wrong_model():
     result = spre_fx.verify(p, spre_fx.convert(p), x)
     assert set(result.layer_errors) >= {"block.bn1", "block.bn2", "head"}
     assert all(v == 0 for v in result.nm_violations.values())
+
+
+def test_verify_does_not_swallow_nan():
+    torch.manual_seed(0)
+    p = spre_fx.prepare(TinyNet())
+    x = tiny_input()
+    p.eval()
+    c = spre_fx.convert(p)
+    c.block.conv2.register_forward_hook(lambda m, i, out: out * float("nan"))
+    with pytest.raises(spre_fx.VerificationError, match="output"):
+        spre_fx.verify(p, c, x)

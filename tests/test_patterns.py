@@ -127,9 +127,35 @@ def test_registered_leaf_module_is_opaque():
     spre_fx.register_leaf_module(Opaque)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Opaque())
     layers = plan(model)
-    assert layers["1.conv"].treatment == "nm" and layers["1.conv"].norm is None
-    assert "not seen by fx" in layers["1.conv"].reason
+    # fx does not see how the leaf uses its conv (it could read conv.weight directly): dense
+    assert layers["1.conv"].treatment == "dense" and layers["1.conv"].norm is None
+    assert "inside '1'" in layers["1.conv"].reason
     roundtrip(model, tiny_input())
+
+
+def test_weights_read_directly_stay_dense():
+    """A layer whose weight the forward reads itself (F.linear, nn.MultiheadAttention) is not masked."""
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = F.linear(x, self.fc.weight, self.fc.bias)
+            return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    layers = plan(Functional())
+    assert layers["fc"].treatment == "dense" and "read directly" in layers["fc"].reason
+    assert layers["attn.out_proj"].treatment == "dense" and "inside 'attn'" in layers["attn.out_proj"].reason
+    assert layers["out"].treatment == "nm"
+    x = torch.randn(2, 5, 8)
+    p = spre_fx.prepare(Functional())
+    train_steps(p, x)
+    p.eval()
+    spre_fx.verify(p, spre_fx.convert(p), x)
 
 
 def test_depthwise_stem_and_divisibility_reasons():
