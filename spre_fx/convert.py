@@ -49,11 +49,11 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: str = "dense") 
     folded = [lp for lp in plan.layers if lp.treatment != DENSE or lp.norm is not None]
     if not inplace:
         model = _copy_except(model, [n for lp in folded for n in (lp.name, lp.norm) if n])
-    modules = dict(model.named_modules())
     aliases = module_aliases(model)
     for lp in folded:
-        norm = modules[lp.norm] if lp.norm else None
-        layer, replacement = deploy_layer(modules[lp.name], norm)
+        # Looked up one at a time: a replaced layer's tensors are freed as soon as it is swapped.
+        norm = model.get_submodule(lp.norm) if lp.norm else None
+        layer, replacement = deploy_layer(model.get_submodule(lp.name), norm)
         set_module(model, lp.name, layer, aliases)
         if replacement is not None:
             set_module(model, lp.norm, replacement, aliases)
