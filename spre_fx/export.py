@@ -23,7 +23,6 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .compare import modes_restored, relative_error
+from .compare import flat_tensors, modes_restored, relative_error
 from .masks import is_nm, nm_violations
 from .modules import effective_weight
 from .patterns import DENSE, LayerPlan, Plan
@@ -395,28 +394,6 @@ def _macs_per_output(module: nn.Module) -> int:
     return 0
 
 
-def _first_tensor(obj: Any) -> Tensor | None:
-    if isinstance(obj, Tensor):
-        return obj
-    if isinstance(obj, (list, tuple)):
-        for v in obj:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    return None
-
-
-def _shapes(obj: Any) -> Iterator[tuple[int, ...]]:
-    if isinstance(obj, Tensor):
-        yield tuple(obj.shape)
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _shapes(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _shapes(v)
-
-
 def _example(model: nn.Module, example_inputs: Any, input_size: tuple[int, ...] | None) -> tuple:
     if example_inputs is not None and input_size is not None:
         raise ValueError("pass example_inputs or input_size, not both")
@@ -434,7 +411,7 @@ def _count_macs(model: nn.Module, plan: Plan, args: tuple, kwargs: dict) -> dict
     macs = dict.fromkeys((lp.name for lp in plan.layers), 0)
 
     def hook(mod, _inp, out, name):
-        t = _first_tensor(out)
+        t = next(flat_tensors(out), None)
         if t is not None:
             macs[name] += t.numel() * _macs_per_output(mod)
 
@@ -474,7 +451,7 @@ def advise(
     if example_inputs is not None or input_size is not None:
         args = _example(model, example_inputs, input_size)
         macs = _count_macs(model, plan, args, example_kwargs or {})
-        shapes = tuple(_shapes((args, example_kwargs or {})))
+        shapes = tuple(tuple(t.shape) for t in flat_tensors((args, example_kwargs or {})))
     layers = {}
     capability = _capability(model)
     with torch.no_grad():
