@@ -56,17 +56,18 @@ def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: bool):
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: bool, compiled: bool = False):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if scheduled:
         spre_fx.MaskScheduler(model, opt)
     loss_fn = nn.CrossEntropyLoss()
+    run = torch.compile(model) if compiled else model
 
     def step() -> float:
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(run(x), y).backward()
         opt.step()
         return time.perf_counter() - t
 
@@ -81,6 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of dense and spre")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,6 +100,13 @@ def main(argv=None) -> None:
     flops = {k: forward_macs(m, x[:1]) for k, (m, _) in variants.items() if k != "naive-spre"}
     flops["naive-spre"] = flops["spre"]
     steps = {k: make_step(m, x, y, s) for k, (m, s) in variants.items()}
+    if args.compile:
+        import copy
+
+        for k in ("dense", "spre"):
+            m, s = variants[k]
+            steps[f"{k}-compiled"] = make_step(copy.deepcopy(m), x, y, s, compiled=True)
+            flops[f"{k}-compiled"] = flops[k]
     for step in steps.values():  # warm-up
         step()
         step()
