@@ -400,3 +400,22 @@ def test_srste_bool_mask_stays_out_of_graph():
     mask = nm_mask(w, 2, 4)
     srste(w, mask, 0.1).square().sum().backward()
     assert w.grad is not None and not mask.requires_grad and mask.grad is None
+
+
+@FAST
+@given(
+    numel=st.integers(1, 3000),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    levels=st.sampled_from([0, 3, 50]),
+    data=st.data(),
+)
+def test_kth_smallest_matches_kthvalue(numel, dtype, levels, data):
+    """The histogram k-th value equals torch.kthvalue, with heavy ties and with none."""
+    from spre_fx.masks import _kth_smallest
+
+    g = torch.Generator().manual_seed(numel)
+    a = torch.randn(numel, generator=g, dtype=dtype).abs()
+    if levels:
+        a = (a * levels).round()
+    k = data.draw(st.integers(1, numel))
+    assert _kth_smallest(a, k) == a.kthvalue(k).values
