@@ -44,7 +44,11 @@ def register_leaf_module(cls: type | str) -> type | str:
 
 
 def register_leaf_function(fn: Callable) -> Callable:
-    """Mark a free function as opaque to fx (it appears as one call_function node)."""
+    """Mark a free function as opaque to fx (it appears as one call_function node).
+
+    As with `torch.fx.wrap`, the forward must call it through a module-level name that does not
+    start with an underscore (fx only patches such globals).
+    """
     if fn not in _LEAF_FUNCTIONS:
         _LEAF_FUNCTIONS.append(fn)
     return fn

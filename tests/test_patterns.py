@@ -301,3 +301,39 @@ def test_dimension_agnostic_batchnorm_pairs():
     layers = plan(model)
     assert layers["1"].treatment == "spre" and layers["1"].norm == "2"
     assert layers["3"].norm is None and "does not match" in layers["3"].reason
+
+
+def clamp_if_big(x):
+    """Data-dependent control flow: fx cannot trace through it."""
+    return x.clamp(max=1.0) if x.abs().max() > 1.0 else x
+
+
+spre_fx.register_leaf_function(clamp_if_big)
+
+
+def test_registered_leaf_function_keeps_the_whole_model_traceable():
+    class UsesFunction(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(self.conv(clamp_if_big(self.stem(x))))
+
+    torch.manual_seed(0)
+    p = discover(UsesFunction(), spre_fx.SpReConfig())
+    assert p.untraced == ()  # the root traced whole: the function is one call_function node
+    assert {lp.name: lp for lp in p.layers}["conv"].treatment == "spre"
+    roundtrip(UsesFunction(), tiny_input())
+
+
+def test_mmcv_conv_module_pairs():
+    cnn = pytest.importorskip("mmcv.cnn", reason="mmcv is not installed")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                          cnn.ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type="BN")))
+    layers = plan(model)
+    assert layers["1.conv"].treatment == "spre" and layers["1.conv"].norm == "1.bn"
+    roundtrip(model, tiny_input())
