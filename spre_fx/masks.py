@@ -100,7 +100,7 @@ def _kth_smallest(a: Tensor, k: int) -> Tensor:
     """
     flat = a.reshape(-1)
     wide = flat.dtype == torch.float64
-    bucket = (flat.view(torch.int64) >> 48) if wide else (flat.view(torch.int32) >> 16).long()
+    bucket = (flat.view(torch.int64) >> 48) if wide else (flat.view(torch.int32) >> 16)
     below = torch.bincount(bucket).cumsum(0)
     b = int(torch.searchsorted(below, k))
     before = int(below[b - 1]) if b else 0
