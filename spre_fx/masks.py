@@ -153,7 +153,7 @@ class _SRSTE(torch.autograd.Function):
             if mask.dtype == torch.bool:  # two passes: one add, one select
                 grad = torch.where(mask, grad, torch.add(grad, weight, alpha=ctx.decay))
             else:
-                grad = grad + ctx.decay * weight * (1 - mask)
+                grad = torch.addcmul(grad, weight, 1 - mask, value=ctx.decay)
         return grad, None, None
 
 
