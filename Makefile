@@ -9,7 +9,7 @@ venv:
 
 test: venv
 	$(PY) -m ruff check spre_fx integrations tests examples benchmarks
-	$(PY) -m pytest -n 2 --durations=15 -ra
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -ra
 
 demo: venv
 	$(PY) examples/digits.py
