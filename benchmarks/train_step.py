@@ -56,11 +56,12 @@ def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: bool, compiled: bool = False):
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: bool, compiled: bool = False,
+              interval: int = 1):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if scheduled:
-        spre_fx.MaskScheduler(model, opt)
+        spre_fx.MaskScheduler(model, opt, nm_interval=interval, spatial_interval=interval)
     loss_fn = nn.CrossEntropyLoss()
     run = torch.compile(model) if compiled else model
 
@@ -83,6 +84,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of dense and spre")
+    ap.add_argument("--interval", type=int, default=1,
+                    help="mask update interval in steps (1 = SR-STE); a large value isolates the cost of the "
+                         "masked forward/backward from the mask updates")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -99,7 +103,7 @@ def main(argv=None) -> None:
     # The naive build calls its convs functionally (no hooks fire): it does SpRe's work.
     flops = {k: forward_macs(m, x[:1]) for k, (m, _) in variants.items() if k != "naive-spre"}
     flops["naive-spre"] = flops["spre"]
-    steps = {k: make_step(m, x, y, s) for k, (m, s) in variants.items()}
+    steps = {k: make_step(m, x, y, s, interval=args.interval) for k, (m, s) in variants.items()}
     if args.compile:
         import copy
 
@@ -114,8 +118,8 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for k, step in steps.items():
             times[k].append(step())
-    print(f"{args.model}, batch {args.batch} at {args.size}px, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds, torch {torch.__version__}")
+    print(f"{args.model}, batch {args.batch} at {args.size}px, {args.threads} threads, {args.rounds} "
+          f"interleaved rounds, masks move every {args.interval} step(s), torch {torch.__version__}")
     print(f"{'variant':12s} {'median step':>12s} {'ratio vs dense':>15s} {'FLOP ratio':>11s}")
     for k in steps:
         ratios = [t / d for t, d in zip(times[k], times["dense"])]

@@ -20,6 +20,8 @@ __all__ = [
     "spatial_sparsity",
     "spatial_mask",
     "srste",
+    "srste_pruned",
+    "pruned_indicator",
 ]
 
 # Above this M a stable sort is cheaper than the M×M pairwise rank.
@@ -48,12 +50,20 @@ def _ungroup(groups: Tensor, like: Tensor) -> Tensor:
     return w.movedim(-1, 1).reshape(like.shape)
 
 
-def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
+def nm_mask(weight: Tensor, n: int, m: int, out: Tensor | None = None) -> Tensor:
     """Boolean mask keeping the N largest |w| of every M consecutive input channels.
 
-    Ties go to the lower channel index, so every process computes the same mask.
+    Ties go to the lower channel index, so every process computes the same mask. `out`, a
+    bool tensor of the weight's shape (a mask buffer), receives the mask in place.
     """
     check_nm_shape(weight, n, m)
+    if out is not None and (out.shape != weight.shape or out.dtype != torch.bool):
+        raise ValueError(f"out must be a bool tensor of shape {tuple(weight.shape)}, "
+                         f"found {out.dtype} {tuple(out.shape)}")
+    if out is not None and not out.is_contiguous():  # e.g. a buffer moved to channels_last
+        return out.copy_(nm_mask(weight, n, m))
+    if out is None:
+        out = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
     with torch.no_grad():
         o, c = weight.shape[:2]
         # [M, O, C/M, taps]: member i of every group is one contiguous block, so each
@@ -61,20 +71,27 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
         view = weight.detach().reshape(o, c // m, m, -1).permute(2, 0, 1, 3)
         a = torch.empty(view.shape, dtype=weight.dtype, device=weight.device)
         torch.abs(view, out=a)
+        out_groups = out.view(o, c // m, m, -1).permute(2, 0, 1, 3)
         if m <= _PAIRWISE_MAX_M:
-            # rank_i = #{j : a_j beats a_i}; a tie goes to the lower index. Keep rank < N.
-            rank = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+            # rank_i = #{j : a_j beats a_i}, a tie going to the lower index:
+            # rank_j = j + sum_{k>j} [a_j < a_k] - sum_{i<j} [a_i < a_j]. Keep rank < N.
+            rank = torch.empty(a.shape, dtype=torch.uint8, device=a.device)
+            for j in range(m):
+                rank[j].fill_(j)
+            wins = torch.empty(a.shape[1:], dtype=torch.bool, device=a.device)
+            wins_u8 = wins.view(torch.uint8)  # no cast per accumulation
             for i in range(m):
                 for j in range(i + 1, m):
-                    j_wins = a[i] < a[j]
-                    rank[i] += j_wins
-                    rank[j] += ~j_wins
-            keep = rank < n
+                    torch.lt(a[i], a[j], out=wins)
+                    rank[i] += wins_u8
+                    rank[j] -= wins_u8
+            torch.lt(rank, n, out=out_groups)
         else:
             order = torch.sort(a, dim=0, descending=True, stable=True).indices
             keep = torch.zeros_like(a, dtype=torch.bool)
             keep.scatter_(0, order[:n], True)
-        return keep.permute(1, 2, 0, 3).reshape(weight.shape)
+            out_groups.copy_(keep)
+        return out
 
 
 def nm_violations(weight: Tensor, n: int, m: int) -> int:
@@ -138,25 +155,37 @@ def spatial_mask(weight: Tensor, rate: float) -> Tensor:
 
 
 class _SRSTE(torch.autograd.Function):
-    """Forward W ⊙ M; backward dL/dW = dL/dW̃ + λ (1 − M) ⊙ W (SPRE.md §1)."""
+    """Forward W − W ⊙ P = W ⊙ M; backward dL/dW = dL/dW̃ + λ P ⊙ W (SPRE.md §1), P = 1 − M.
+
+    With P in {0, 1} both are exact (w − w = 0), and each is a single pass over the weight.
+    """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor, decay: float) -> Tensor:
-        ctx.save_for_backward(weight, mask)
+    def forward(ctx, weight: Tensor, pruned: Tensor, decay: float) -> Tensor:
+        ctx.save_for_backward(weight, pruned)
         ctx.decay = decay
-        return weight * mask
+        return torch.addcmul(weight, weight, pruned, value=-1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, mask = ctx.saved_tensors
         if ctx.decay:
-            if mask.dtype == torch.bool:  # two passes: one add, one select
-                grad = torch.where(mask, grad, torch.add(grad, weight, alpha=ctx.decay))
-            else:
-                grad = torch.addcmul(grad, weight, 1 - mask, value=ctx.decay)
+            weight, pruned = ctx.saved_tensors
+            grad = torch.addcmul(grad, weight, pruned, value=ctx.decay)
         return grad, None, None
+
+
+def pruned_indicator(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """P = 1 − M in `dtype` (no gradient), from a bool or 0/1 float mask."""
+    if mask.dtype == torch.bool:
+        return torch.logical_not(mask).to(dtype)
+    return (1 - mask.detach()).to(dtype)
 
 
 def srste(weight: Tensor, mask: Tensor, decay: float = 2e-4) -> Tensor:
     """Masked weight with the SR-STE gradient (straight-through plus decay on pruned weights)."""
-    return _SRSTE.apply(weight, mask, decay)
+    return srste_pruned(weight, pruned_indicator(mask, weight.dtype), decay)
+
+
+def srste_pruned(weight: Tensor, pruned: Tensor, decay: float = 2e-4) -> Tensor:
+    """`srste` given P = 1 − M in the weight's dtype (what a layer caches once per mask)."""
+    return _SRSTE.apply(weight, pruned, decay)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .masks import nm_mask, spatial_mask, srste
+from .masks import nm_mask, pruned_indicator, spatial_mask, srste_pruned
 from .registry import NormSpec, norm_spec
 
 __all__ = [
@@ -115,8 +115,8 @@ def merge_spre(
 
 # --------------------------------------------------------------------------- adoption
 # Attributes spre_fx adds to an adopted module; `_restore` removes them again.
-_ADDED = ("nm", "decay", "frozen", "_mask_version", "_spre_orig_cls", "_spre_norm_spec", "_mask_cache",
-          "_mask_key")
+_ADDED = ("nm", "decay", "frozen", "_mask_version", "_spre_orig_cls", "_spre_norm_spec", "_pruned_cache",
+          "_rep_mask_cache")
 _ADDED_TENSORS = ("nm_mask", "spatial_mask", "weight_rep")
 _ADDED_CHILDREN = ("rep",)
 
@@ -165,31 +165,35 @@ class _NMMixin:
     @torch.no_grad()
     def update_masks(self) -> None:
         """Recompute the masks from the dense latent weight."""
-        self.nm_mask.copy_(nm_mask(self.weight, *self.nm))
+        nm_mask(self.weight, *self.nm, out=self.nm_mask)
         self._mask_version = self.weight._version
 
     def _follow_weight(self) -> None:
         if self.training and not self.frozen and self.weight._version != self._mask_version:
             self.update_masks()
 
-    def _mask_as_weight(self) -> Tensor:
-        """`nm_mask` in the weight's dtype, cached until the buffer is written or moved.
+    def _cached(self, name: str, sources: tuple[Tensor, ...], make) -> Tensor:
+        """`make()` (a float tensor derived from the bool mask buffers), cached until a source
+        buffer is written, replaced or moved, or the weight's dtype changes.
 
-        Multiplying by a float mask is an order of magnitude faster on CPU than by a bool one;
-        the bool buffer stays the checkpointed state.
+        Masks move at most once per optimizer step while the weight is read at every forward;
+        float masks also multiply an order of magnitude faster than bool ones on CPU. Under
+        torch.compile the graph computes (and fuses) the cast itself.
         """
-        mask = self.nm_mask
-        if torch.compiler.is_compiling():  # a compiled graph fuses the cast; no Python-side cache
-            return mask.to(self.weight.dtype)
-        key = (id(mask), mask._version, self.weight.dtype, self.weight.device)
-        if self.__dict__.get("_mask_key") != key:
-            self.__dict__["_mask_cache"] = mask.to(self.weight.dtype)
-            self.__dict__["_mask_key"] = key
-        return self.__dict__["_mask_cache"]
+        if torch.compiler.is_compiling():
+            return make()
+        key = (self.weight.dtype, self.weight.device, *(t._version for t in sources))
+        entry = self.__dict__.get(name)
+        if entry is None or entry[1] != key or any(a is not b for a, b in zip(entry[0], sources)):
+            entry = (sources, key, make())
+            self.__dict__[name] = entry
+        return entry[2]
 
     def masked_weight(self) -> Tensor:
         self._follow_weight()
-        return srste(self.weight, self._mask_as_weight(), self.decay)
+        pruned = self._cached("_pruned_cache", (self.nm_mask,),
+                              lambda: pruned_indicator(self.nm_mask, self.weight.dtype))
+        return srste_pruned(self.weight, pruned, self.decay)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nm={self.nm[0]}:{self.nm[1]}"
@@ -278,9 +282,10 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
 
     def forward(self, input: Tensor) -> SpReBranches:
         main = self._conv_forward(input, self.masked_weight(), self.bias)
-        # Masks carry no gradient: the extra branch lives inside supp(M_nm) ⊙ S.
-        s = self.spatial_mask.to(self.weight_rep.dtype)  # kh×kw: broadcast over [O, C]
-        rep = self._conv_forward(input, self.weight_rep * self._mask_as_weight() * s, None)
+        # Masks carry no gradient: the extra branch lives inside supp(M_nm) ⊙ S (S over kh×kw).
+        rep_mask = self._cached("_rep_mask_cache", (self.nm_mask, self.spatial_mask),
+                                lambda: (self.nm_mask & self.spatial_mask).to(self.weight_rep.dtype))
+        rep = self._conv_forward(input, self.weight_rep * rep_mask, None)
         return SpReBranches(main, rep)
 
 

@@ -125,11 +125,13 @@ class MaskScheduler:
         for name, m in self.layers.items():
             n, mm = m.nm
             if move_nm:
-                new = nm_mask(m.weight, n, mm)
                 if track:
+                    new = nm_mask(m.weight, n, mm)
                     flips += int((new != m.nm_mask).sum())
                     total += new.numel()
-                m.nm_mask.copy_(new)
+                    m.nm_mask.copy_(new)
+                else:
+                    nm_mask(m.weight, n, mm, out=m.nm_mask)
             if move_spatial and isinstance(m, SpReConv2d):
                 new_s = spatial_mask(m.weight, 1.0 - n / mm)
                 if track:

@@ -147,6 +147,18 @@ def test_nm_mask_independent_of_memory_layout(nm, o, groups, kernel, dtype, ties
     if w.shape[1] > 1 and math.prod(w.shape[2:]) > 1:
         assert not w2.is_contiguous()
     assert torch.equal(nm_mask(w2, n, m), nm_mask(w, n, m))
+    # Writing into a mask buffer in either layout gives the same mask as a fresh result.
+    for out in (torch.zeros(w.shape, dtype=torch.bool), other_layout(torch.zeros(w.shape, dtype=torch.bool))):
+        assert nm_mask(w2, n, m, out=out) is out
+        assert torch.equal(out, nm_mask(w, n, m))
+
+
+def test_nm_mask_out_must_match_the_weight():
+    """`out` of another shape or dtype is refused with the expected one named."""
+    w = torch.randn(4, 8, 3, 3)
+    for bad in (torch.zeros(4, 8, 3, dtype=torch.bool), torch.zeros(4, 8, 3, 3)):
+        with pytest.raises(ValueError, match=r"out must be a bool tensor of shape \(4, 8, 3, 3\)"):
+            nm_mask(w, 2, 4, out=bad)
 
 
 def test_nm_mask_tie_break_both_paths():
