@@ -4,7 +4,8 @@ Each variant trains a few SGD steps in its own subprocess; the figure is peak RS
 before the first step. The expected extra of SpRe is its new state (branch weights with their
 gradients and momentum, masks, the branch BatchNorms) plus the activations the branches keep
 for backward (each branch conv's output and its BatchNorm's output), plus the masked weight
-copies each N:M conv keeps for its backward and the float copy of each mask.
+copies each N:M conv keeps for its backward and the cached float masks (1 − M for every N:M
+layer, M ⊙ S for each SpRe branch).
 
     python benchmarks/train_memory.py --model resnet18 --batch 16 --size 96
 """
@@ -65,8 +66,8 @@ def run_one(variant: str, model_name: str, batch: int, size: int, threads: int) 
     rep_params = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if n.endswith("weight_rep") or ".rep." in n)
     # the masked weights (W ⊙ M, and W_r ⊙ M ⊙ S) that each conv keeps for its backward, plus
-    # the float copy of each N:M mask the layers multiply by
-    masked = sum(m.weight.numel() * m.weight.element_size() * (3 if isinstance(m, SpReConv2d) else 2)
+    # the cached float masks the layers multiply by (1 − M; M ⊙ S for a SpRe branch)
+    masked = sum(m.weight.numel() * m.weight.element_size() * (4 if isinstance(m, SpReConv2d) else 2)
                  for m in model.modules() if hasattr(m, "nm_mask"))
     # branch params get a gradient and a momentum buffer; each branch keeps conv and BN outputs
     expected = new_state + masked + 2 * rep_params + 2 * rep_out

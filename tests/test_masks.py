@@ -336,6 +336,23 @@ def test_spatial_mask_marks_denser_than_average_taps(w, rate):
 
 @SETTINGS
 @given(
+    o=st.integers(1, 5),
+    c=st.integers(1, 5),
+    kernel=st.one_of(kernels(rank=None).filter(len), st.just((3, 7, 7)), st.just((1, 13, 11))),
+    dtype=st.sampled_from(DTYPES + [torch.float16]),
+    ties=st.booleans(),
+    rate=st.floats(0.0, 0.99),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_spatial_mask_equals_its_definition(o, c, kernel, dtype, ties, rate, seed):
+    """S = spatial_sparsity(magnitude_mask(W, rate)) < rate exactly, ties, zeros, half precision
+    and kernels of > 128 taps (a coarser histogram) included."""
+    w = rand_weight((o, c, *kernel), dtype, seed, ties)
+    assert torch.equal(spatial_mask(w, rate), spatial_sparsity(magnitude_mask(w, rate)) < rate)
+
+
+@SETTINGS
+@given(
     o=st.integers(1, 4),
     c=st.integers(1, 4),
     kernel=st.one_of(
