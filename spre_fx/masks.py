@@ -85,7 +85,7 @@ def nm_mask(weight: Tensor, n: int, m: int, out: Tensor | None = None) -> Tensor
                     torch.lt(a[i], a[j], out=wins)
                     rank[i] += wins_u8
                     rank[j] -= wins_u8
-            torch.lt(rank, n, out=out_groups)
+            torch.lt(rank, n, out=out_groups.view(torch.uint8))  # bool kernels are slower on CPU
         else:
             order = torch.sort(a, dim=0, descending=True, stable=True).indices
             keep = torch.zeros_like(a, dtype=torch.bool)
@@ -142,6 +142,8 @@ def spatial_sparsity(mask: Tensor) -> Tensor:
     """s(h, w) = 1 - mean over (o, c) of a binary conv mask `[O, C, *kernel]` (SPRE.md §2)."""
     if mask.dim() < 3:
         raise ValueError(f"expected a conv mask [O, C, *kernel], found shape {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # bool -> float casts are several times slower on CPU
     return 1.0 - mask.float().mean(dim=(0, 1))
 
 
@@ -176,8 +178,9 @@ class _SRSTE(torch.autograd.Function):
 
 def pruned_indicator(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """P = 1 − M in `dtype` (no gradient), from a bool or 0/1 float mask."""
-    if mask.dtype == torch.bool:
-        return torch.logical_not(mask).to(dtype)
+    if mask.dtype == torch.bool:  # read as uint8: several times faster than bool ops on CPU
+        out = torch.empty(mask.shape, dtype=dtype, device=mask.device)
+        return torch.eq(mask.view(torch.uint8), 0, out=out)
     return (1 - mask.detach()).to(dtype)
 
 
