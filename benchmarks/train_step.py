@@ -3,7 +3,8 @@
 One training step = forward, backward, optimizer step (SGD), mask scheduling. Variants run
 interleaved in one process (dense, nm, spre, naive, dense, ...), and each figure is the median
 of per-round ratios against the dense step of the same round. The training-FLOP ratio of the
-prepared model over the dense one is printed beside the measurement.
+prepared model over the dense one (forward, weight and input gradients of every conv and
+linear) is printed beside the measurement.
 
     python benchmarks/train_step.py --model resnet18 --batch 16 --size 96
     python benchmarks/train_step.py --model resnet50 --batch 8 --size 96
@@ -28,29 +29,29 @@ except ImportError:  # run as a module
     from benchmarks.naive_spre import naive_spre
 
 
-def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of every conv and linear (both SpRe branches) in one forward."""
+def training_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one training step's convs and linears (both SpRe branches).
+
+    Forward, plus the weight gradient (weights that train) and the input gradient (inputs that
+    need one: not the stem's image), each as many MACs as the forward.
+    """
     total = 0
 
-    def conv_hook(m, inp, out):
+    def count(m, inp, out, per_out: int):
         nonlocal total
         outs = out if isinstance(out, tuple) else (out,)
+        passes = 1 + m.weight.requires_grad + inp[0].requires_grad
         for o in outs:  # a SpReConv2d returns (main, rep): two convs' worth of work
-            total += o.numel() * m.weight[0].numel()
-
-    def linear_hook(m, inp, out):
-        nonlocal total
-        total += out.numel() * m.in_features
+            total += passes * o.numel() * per_out
 
     handles = []
     for mod in model.modules():
         if isinstance(mod, nn.Conv2d):
-            handles.append(mod.register_forward_hook(conv_hook))
+            handles.append(mod.register_forward_hook(lambda m, i, o: count(m, i, o, m.weight[0].numel())))
         elif isinstance(mod, nn.Linear):
-            handles.append(mod.register_forward_hook(linear_hook))
-    with torch.no_grad():
-        model.eval()
-        model(x)
+            handles.append(mod.register_forward_hook(lambda m, i, o: count(m, i, o, m.in_features)))
+    model.eval()  # no BN statistics updated; autograd on, so `requires_grad` tells what backward computes
+    model(x)
     for h in handles:
         h.remove()
     return total
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     if not args.no_naive:
         variants["naive-spre"] = (naive_spre(dense), False)
     # The naive build calls its convs functionally (no hooks fire): it does SpRe's work.
-    flops = {k: forward_macs(m, x[:1]) for k, (m, _) in variants.items() if k != "naive-spre"}
+    flops = {k: training_macs(m, x[:1]) for k, (m, _) in variants.items() if k != "naive-spre"}
     flops["naive-spre"] = flops["spre"]
     steps = {k: make_step(m, x, y, s, interval=args.interval) for k, (m, s) in variants.items()}
     if args.compile:
