@@ -130,7 +130,8 @@ def test_im2col_rejects_what_it_cannot_compute():
 
 # --------------------------------------------------------------------------- packing (CPU helpers)
 def _conversions():
-    return pytest.importorskip("torch.sparse._semi_structured_conversions")
+    module = "torch.sparse._semi_structured_conversions"
+    return pytest.importorskip(module, reason="no semi-structured packer in this torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
@@ -342,7 +343,7 @@ class TokenNet(nn.Module):
 
 def _onnx_gemm_initializers(path: str, nm=(2, 4)) -> list[tuple[str, tuple[int, ...], bool]]:
     """(op, shape as [O, K...], is N:M) of every Conv/Gemm/MatMul initializer, via onnx.numpy_helper."""
-    onnx = pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx", reason="ONNX tests need onnx (dev dependency)")
     from onnx import helper, numpy_helper
 
     graph = onnx.load(path).graph
@@ -360,8 +361,8 @@ def _onnx_gemm_initializers(path: str, nm=(2, 4)) -> list[tuple[str, tuple[int, 
 
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_onnx_export_keeps_nm_zeros_and_matches_onnxruntime(tmp_path, dynamo):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx", reason="ONNX tests need onnx (dev dependency)")
+    pytest.importorskip("onnxruntime", reason="ONNX tests need onnxruntime (dev dependency)")
     if dynamo:
         pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
     x = torch.randn(2, 3, 8, 8)
@@ -383,7 +384,7 @@ def test_onnx_export_keeps_nm_zeros_and_matches_onnxruntime(tmp_path, dynamo):
 
 def test_plain_torch_onnx_export_of_a_converted_model(tmp_path):
     """No helper needed for the export itself: torch.onnx.export + onnxruntime agree (rtol 1e-4)."""
-    ort = pytest.importorskip("onnxruntime")
+    ort = pytest.importorskip("onnxruntime", reason="ONNX tests need onnxruntime (dev dependency)")
     x = torch.randn(2, 3, 8, 8)
     _, c = _converted(TokenNet(), x)
     path = str(tmp_path / "plain.onnx")
@@ -394,7 +395,7 @@ def test_plain_torch_onnx_export_of_a_converted_model(tmp_path):
 
 
 def test_export_onnx_refuses_broken_weights_and_sparse_kernels(tmp_path, fake_kernels):
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnx", reason="ONNX tests need onnx (dev dependency)")
     x = torch.randn(2, 3, 8, 8)
     _, c = _converted(TokenNet(), x)
     broken = spre_fx.convert(spre_fx.prepare(TokenNet()).eval())

@@ -49,8 +49,8 @@ try:
 except ImportError:  # not POSIX: huge models are not serialised
     fcntl = None
 
-torchvision = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision", reason="the zoo needs torchvision: pip install -e .[vision]")
+timm = pytest.importorskip("timm", reason="the zoo needs timm: pip install -e .[vision]")
 
 pytestmark = pytest.mark.zoo
 
