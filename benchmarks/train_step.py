@@ -76,6 +76,22 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: boo
     return step
 
 
+def profile_steps(steps: dict, n: int = 5) -> None:
+    """Per step: self time of the convolution kernels (forward and backward), and the whole
+    optimizer step, which includes the MaskScheduler's mask update."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"{'profiled':12s} {'conv ms/step':>12s} {'optimizer step + masks ms/step':>31s}")
+    for k, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                step()
+        events = prof.key_averages()
+        conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+        opt = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step"))
+        print(f"{k:12s} {conv / n / 1e3:12.1f} {opt / n / 1e3:31.1f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18")
@@ -85,6 +101,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of dense and spre")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 5 steps of each variant: convolution time and optimizer step "
+                         "(with the mask update) per step")
     ap.add_argument("--interval", type=int, default=1,
                     help="mask update interval in steps (1 = SR-STE); a large value isolates the cost of the "
                          "masked forward/backward from the mask updates")
@@ -129,6 +148,8 @@ def main(argv=None) -> None:
     if "naive-spre" in times:
         r = [a / b for a, b in zip(times["spre"], times["naive-spre"])]
         print(f"spre / naive-spre: {statistics.median(r):.3f} (goal: clearly below 1)")
+    if args.profile:
+        profile_steps(steps)
     n_spre = sum(isinstance(m, SpReConv2d) for m in variants["spre"][0].modules())
     print(f"SpRe branches: {n_spre}; goals: nm <= 1.05, spre <= FLOP ratio")
 
