@@ -125,13 +125,11 @@ class MaskScheduler:
         for name, m in self.layers.items():
             n, mm = m.nm
             if move_nm:
+                old = m.nm_mask.clone() if track else None
+                nm_mask(m.weight, n, mm, out=m.nm_mask)
                 if track:
-                    new = nm_mask(m.weight, n, mm)
-                    flips += int((new != m.nm_mask).sum())
-                    total += new.numel()
-                    m.nm_mask.copy_(new)
-                else:
-                    nm_mask(m.weight, n, mm, out=m.nm_mask)
+                    flips += int((old != m.nm_mask).sum())
+                    total += old.numel()
             if move_spatial and isinstance(m, SpReConv2d):
                 new_s = spatial_mask(m.weight, 1.0 - n / mm)
                 if track:
