@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _native
+
 __all__ = [
     "check_nm_shape",
     "nm_mask",
@@ -60,38 +62,45 @@ def nm_mask(weight: Tensor, n: int, m: int, out: Tensor | None = None) -> Tensor
     if out is not None and (out.shape != weight.shape or out.dtype != torch.bool):
         raise ValueError(f"out must be a bool tensor of shape {tuple(weight.shape)}, "
                          f"found {out.dtype} {tuple(out.shape)}")
-    if out is not None and not out.is_contiguous():  # e.g. a buffer moved to channels_last
-        return out.copy_(nm_mask(weight, n, m))
     if out is None:
         out = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
     with torch.no_grad():
-        o, c = weight.shape[:2]
-        # [M, O, C/M, taps]: member i of every group is one contiguous block, so each
-        # comparison below is a single dense pass.
-        view = weight.detach().reshape(o, c // m, m, -1).permute(2, 0, 1, 3)
-        a = torch.empty(view.shape, dtype=weight.dtype, device=weight.device)
-        torch.abs(view, out=a)
-        out_groups = out.view(o, c // m, m, -1).permute(2, 0, 1, 3)
-        if m <= _PAIRWISE_MAX_M:
-            # rank_i = #{j : a_j beats a_i}, a tie going to the lower index:
-            # rank_j = j + sum_{k>j} [a_j < a_k] - sum_{i<j} [a_i < a_j]. Keep rank < N.
-            rank = torch.empty(a.shape, dtype=torch.uint8, device=a.device)
-            for j in range(m):
-                rank[j].fill_(j)
-            wins = torch.empty(a.shape[1:], dtype=torch.bool, device=a.device)
-            wins_u8 = wins.view(torch.uint8)  # no cast per accumulation
-            for i in range(m):
-                for j in range(i + 1, m):
-                    torch.lt(a[i], a[j], out=wins)
-                    rank[i] += wins_u8
-                    rank[j] -= wins_u8
-            torch.lt(rank, n, out=out_groups.view(torch.uint8))  # bool kernels are slower on CPU
-        else:
-            order = torch.sort(a, dim=0, descending=True, stable=True).indices
-            keep = torch.zeros_like(a, dtype=torch.bool)
-            keep.scatter_(0, order[:n], True)
-            out_groups.copy_(keep)
-        return out
+        if not _native.nm_mask(weight.detach(), n, m, out):
+            _nm_mask_torch(weight.detach(), n, m, out)
+    return out
+
+
+def _nm_mask_torch(weight: Tensor, n: int, m: int, out: Tensor) -> None:
+    """`nm_mask` in torch ops (any device and dtype); the C kernel computes the same."""
+    if not out.is_contiguous():  # e.g. a buffer moved to channels_last
+        out.copy_(nm_mask(weight, n, m))
+        return
+    o, c = weight.shape[:2]
+    # [M, O, C/M, taps]: member i of every group is one contiguous block, so each
+    # comparison below is a single dense pass.
+    view = weight.reshape(o, c // m, m, -1).permute(2, 0, 1, 3)
+    a = torch.empty(view.shape, dtype=weight.dtype, device=weight.device)
+    torch.abs(view, out=a)
+    out_groups = out.view(o, c // m, m, -1).permute(2, 0, 1, 3)
+    if m <= _PAIRWISE_MAX_M:
+        # rank_i = #{j : a_j beats a_i}, a tie going to the lower index:
+        # rank_j = j + sum_{k>j} [a_j < a_k] - sum_{i<j} [a_i < a_j]. Keep rank < N.
+        rank = torch.empty(a.shape, dtype=torch.uint8, device=a.device)
+        for j in range(m):
+            rank[j].fill_(j)
+        wins = torch.empty(a.shape[1:], dtype=torch.bool, device=a.device)
+        wins_u8 = wins.view(torch.uint8)  # no cast per accumulation
+        for i in range(m):
+            for j in range(i + 1, m):
+                torch.lt(a[i], a[j], out=wins)
+                rank[i] += wins_u8
+                rank[j] -= wins_u8
+        torch.lt(rank, n, out=out_groups.view(torch.uint8))  # bool kernels are slower on CPU
+    else:
+        order = torch.sort(a, dim=0, descending=True, stable=True).indices
+        keep = torch.zeros_like(a, dtype=torch.bool)
+        keep.scatter_(0, order[:n], True)
+        out_groups.copy_(keep)
 
 
 def nm_violations(weight: Tensor, n: int, m: int) -> int:
@@ -124,10 +133,14 @@ def _kth_smallest(a: Tensor, k: int) -> Tensor:
     return flat[bucket == b].kthvalue(k - before).values
 
 
-def magnitude_mask(weight: Tensor, rate: float) -> Tensor:
-    """Layer-wise unstructured magnitude pruning: drop the `rate` fraction of smallest |w|."""
+def _check_rate(rate: float) -> None:
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"pruning rate must be in [0, 1), found {rate}")
+
+
+def magnitude_mask(weight: Tensor, rate: float) -> Tensor:
+    """Layer-wise unstructured magnitude pruning: drop the `rate` fraction of smallest |w|."""
+    _check_rate(rate)
     with torch.no_grad():
         a = weight.detach().abs()
         if a.dtype not in (torch.float32, torch.float64):
@@ -138,13 +151,18 @@ def magnitude_mask(weight: Tensor, rate: float) -> Tensor:
         return a > _kth_smallest(a, k)
 
 
+def _tap_sparsity(kept: Tensor, total: int) -> Tensor:
+    """1 − kept/total per tap, from float32 counts (exact up to 2^24 weights per tap)."""
+    return 1.0 - kept / total
+
+
 def spatial_sparsity(mask: Tensor) -> Tensor:
     """s(h, w) = 1 - mean over (o, c) of a binary conv mask `[O, C, *kernel]` (SPRE.md §2)."""
     if mask.dim() < 3:
         raise ValueError(f"expected a conv mask [O, C, *kernel], found shape {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # bool -> float casts are several times slower on CPU
-    return 1.0 - mask.float().mean(dim=(0, 1))
+    return _tap_sparsity(mask.float().sum(dim=(0, 1)), mask.shape[0] * mask.shape[1])
 
 
 def spatial_mask(weight: Tensor, rate: float) -> Tensor:
@@ -153,7 +171,14 @@ def spatial_mask(weight: Tensor, rate: float) -> Tensor:
     S[h, w] = s_U(h, w) < rate, with s_U the spatial sparsity of layer-wise magnitude
     pruning of the dense latent weight (SPRE.md §3).
     """
-    return spatial_sparsity(magnitude_mask(weight, rate)) < rate
+    _check_rate(rate)
+    if weight.dim() < 3:
+        raise ValueError(f"expected a conv weight [O, C, *kernel], found shape {tuple(weight.shape)}")
+    k = int(round(rate * weight.numel()))
+    kept = _native.spatial_kept(weight.detach(), k) if k else None
+    if kept is None:
+        return spatial_sparsity(magnitude_mask(weight, rate)) < rate
+    return _tap_sparsity(kept.float(), weight.shape[0] * weight.shape[1]) < rate
 
 
 class _SRSTE(torch.autograd.Function):

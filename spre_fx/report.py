@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _native
 from .compare import modes_restored, relative_error
 from .export import FlopEstimate, KernelAdvice, advise, dense_weight
 from .masks import magnitude_mask, nm_violations, spatial_sparsity
@@ -45,13 +46,15 @@ class LayerReport:
 @dataclass(frozen=True)
 class Report:
     """flops: conv/linear MACs and the share that can run on 2:4 kernels, when report() was
-    given an example input (None otherwise)."""
+    given an example input (None otherwise). mask_kernels: what computes the per-step CPU mask
+    updates of a prepared model ('native' C kernels, or 'torch (<why not>)')."""
 
     nm: tuple[int, int]
     stage: str
     layers: tuple[LayerReport, ...]
     untraced: tuple[tuple[str, str], ...]
     flops: FlopEstimate | None = None
+    mask_kernels: str | None = None
 
     def count(self, treatment: str) -> int:
         return sum(lr.treatment == treatment for lr in self.layers)
@@ -79,6 +82,8 @@ class Report:
             f"{self.stage} model, {n}:{m}: {self.count('spre')} spre, {self.count('nm')} nm, "
             f"{self.count('dense')} dense layers"
         )
+        if self.mask_kernels is not None:
+            lines.append(f"CPU mask updates: {self.mask_kernels}")
         for mod, err in self.untraced:
             lines.append(f"fx could not trace '{mod}' ({err}); its children were traced instead")
         lines += _kernel_footer(self)
@@ -151,7 +156,8 @@ def report(
         layers = tuple(
             _layer_report(lp, modules[lp.name], n, m, advice.layers[lp.name]) for lp in plan.layers
         )
-    return Report(plan.config.nm, plan.stage, layers, plan.untraced, advice.flops)
+    kernels = _native.backend() if plan.stage == "prepared" else None
+    return Report(plan.config.nm, plan.stage, layers, plan.untraced, advice.flops, kernels)
 
 
 # --------------------------------------------------------------------------- verify

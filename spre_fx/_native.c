@@ -1,0 +1,295 @@
+/* CPU kernels for the per-step mask updates of spre_fx (see _native.py).
+ *
+ * Each computes exactly what its torch counterpart in masks.py computes, in one or two passes
+ * over the weight instead of a dozen, on `threads` POSIX threads. Weights are [O, C, taps]
+ * addressed through element strides, so contiguous and channels_last layouts both work.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_THREADS 64
+
+/* ------------------------------------------------------------------ parallel for */
+typedef void (*body_fn)(void *ctx, int64_t begin, int64_t end, int part);
+
+typedef struct {
+    body_fn body;
+    void *ctx;
+    int64_t begin, end;
+    int part;
+} chunk_t;
+
+static void *run_chunk(void *arg) {
+    chunk_t *c = (chunk_t *)arg;
+    c->body(c->ctx, c->begin, c->end, c->part);
+    return NULL;
+}
+
+/* Split [0, total) into `parts` contiguous chunks; chunk i runs body(ctx, b, e, i). */
+static void parallel_for(int64_t total, int parts, body_fn body, void *ctx) {
+    pthread_t tid[MAX_THREADS];
+    chunk_t chunk[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 0; i < parts; i++) {
+        chunk[i] = (chunk_t){body, ctx, total * i / parts, total * (i + 1) / parts, i};
+    }
+    for (int i = 1; i < parts; i++) {
+        started[i] = pthread_create(&tid[i], NULL, run_chunk, &chunk[i]) == 0;
+        if (!started[i]) run_chunk(&chunk[i]);
+    }
+    run_chunk(&chunk[0]);
+    for (int i = 1; i < parts; i++) {
+        if (started[i]) pthread_join(tid[i], NULL);
+    }
+}
+
+static int clamp_threads(int threads) {
+    return threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+}
+
+/* ------------------------------------------------------------------ N:M mask
+ * rank_i = i + #{k > i : a_i < a_k} - #{j < i : a_j < a_i}; keep rank_i < N. The same formula
+ * (and so the same ties and NaN behaviour) as masks._nm_mask_torch.
+ */
+typedef struct {
+    const void *w;
+    uint8_t *out;
+    int64_t groups, taps;
+    int64_t ws[3], os[3]; /* strides of o, c, tap */
+    int n, m;
+} nm_ctx;
+
+/* Locals only inside the loops: the uint8 stores may alias anything, ctx fields included.
+ * M is a compile-time constant (one body per M in 2..8), so the pairwise loops unroll. */
+#define NM_BODY(NAME, T, ABS, MC)                                                          \
+    static void NAME(void *vctx, int64_t begin, int64_t end, int part) {                   \
+        (void)part;                                                                        \
+        const nm_ctx *c = (const nm_ctx *)vctx;                                            \
+        const T *restrict w = (const T *)c->w;                                             \
+        uint8_t *restrict out = c->out;                                                    \
+        const int64_t groups = c->groups, taps = c->taps;                                  \
+        const int64_t w0 = c->ws[0], w1 = c->ws[1], w2 = c->ws[2];                         \
+        const int64_t o0 = c->os[0], o1 = c->os[1], o2 = c->os[2];                         \
+        const int n = c->n, m = MC;                                        \
+        for (int64_t p = begin; p < end; p++) {                                            \
+            const int64_t o = p / groups, c0 = (p % groups) * m;                           \
+            const T *wb = w + o * w0 + c0 * w1;                                            \
+            uint8_t *ob = out + o * o0 + c0 * o1;                                          \
+            for (int64_t t = 0; t < taps; t++) {                                           \
+                T a[8];                                                                    \
+                int rank[8];                                                               \
+                _Pragma("GCC unroll 8") for (int i = 0; i < m; i++) {                      \
+                    a[i] = ABS(wb[i * w1 + t * w2]);                                       \
+                    rank[i] = i;                                                           \
+                }                                                                          \
+                _Pragma("GCC unroll 8") for (int i = 0; i < m; i++) {                      \
+                    _Pragma("GCC unroll 8") for (int j = i + 1; j < m; j++) {              \
+                        int beaten = a[i] < a[j];                                          \
+                        rank[i] += beaten;                                                 \
+                        rank[j] -= beaten;                                                 \
+                    }                                                                      \
+                }                                                                          \
+                _Pragma("GCC unroll 8") for (int i = 0; i < m; i++) {                      \
+                    ob[i * o1 + t * o2] = rank[i] < n;                                     \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+#define NM_BODIES(MC)                        \
+    NM_BODY(nm_f32_m##MC, float, fabsf, MC) \
+    NM_BODY(nm_f64_m##MC, double, fabs, MC)
+NM_BODIES(2)
+NM_BODIES(3)
+NM_BODIES(4)
+NM_BODIES(5)
+NM_BODIES(6)
+NM_BODIES(7)
+NM_BODIES(8)
+
+static body_fn nm_body(int is_double, int m) {
+    static const body_fn f32[] = {nm_f32_m2, nm_f32_m3, nm_f32_m4, nm_f32_m5, nm_f32_m6, nm_f32_m7, nm_f32_m8};
+    static const body_fn f64[] = {nm_f64_m2, nm_f64_m3, nm_f64_m4, nm_f64_m5, nm_f64_m6, nm_f64_m7, nm_f64_m8};
+    return is_double ? f64[m - 2] : f32[m - 2];
+}
+
+/* Returns 0 on success, -1 on arguments it does not handle (M > 8). */
+int spre_nm_mask(const void *w, int is_double, uint8_t *out, int64_t o, int64_t c, int64_t taps,
+                 const int64_t *wstrides, const int64_t *ostrides, int n, int m, int threads) {
+    if (m < 2 || m > 8 || n < 1 || n >= m || c % m) return -1;
+    nm_ctx ctx = {w, out, c / m, taps, {wstrides[0], wstrides[1], wstrides[2]},
+                  {ostrides[0], ostrides[1], ostrides[2]}, n, m};
+    int64_t work = o * (c / m);
+    int parts = clamp_threads(threads);
+    if (work * m * taps < (1 << 15)) parts = 1;
+    if (parts > work) parts = work > 0 ? (int)work : 1;
+    parallel_for(work, parts, nm_body(is_double, m), &ctx);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ spatial-mask counts
+ * kept[t] = #{(o, c) : |w[o, c, t]| > v_k}, v_k the k-th smallest |w| of the layer: the per-tap
+ * kept counts of masks.magnitude_mask (`a > v_k`: ties at v_k are pruned). Non-negative floats
+ * order like their bit patterns with the sign bit cleared, so v_k is found by a radix select:
+ * pass 1 builds a histogram of the top `bits` bits per tap, which gives the bucket holding v_k
+ * and, per tap, the count above it; pass 2 collects that one bucket, selected 16 bits at a time.
+ * Layers holding inf or NaN (or |w| within a bucket of inf) are left to the torch code.
+ */
+typedef struct {
+    const void *w;
+    int64_t c, taps;
+    int64_t ws[3];
+    int shift;          /* key >> shift = bucket */
+    int64_t buckets;
+    uint32_t *hist;     /* [parts][taps][buckets] */
+    int64_t bucket;     /* the bucket holding the k-th key */
+    int64_t *offset;    /* [parts]: where each part writes its bucket keys */
+    uint64_t *keys;     /* keys of the bucket ... */
+    int64_t *key_tap;   /* ... and their taps */
+} sp_ctx;
+
+/* Rows p = o * C + c of [begin, end), walked without a division per row. Loops keep ctx fields
+ * in locals (stores through the histogram pointers may alias them). */
+#define SP_BODIES(SUFFIX, UT, SIGN_OFF)                                                      \
+    static void sp_hist_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {         \
+        const sp_ctx *c = (const sp_ctx *)vctx;                                              \
+        const UT *restrict w = (const UT *)c->w;                                             \
+        const int64_t cin = c->c, taps = c->taps, w0 = c->ws[0], w1 = c->ws[1], w2 = c->ws[2]; \
+        const int64_t buckets = c->buckets;                                                  \
+        const int shift = c->shift;                                                          \
+        uint32_t *restrict hist = c->hist + part * taps * buckets;                           \
+        int64_t o = begin / cin, ch = begin % cin;                                           \
+        for (int64_t p = begin; p < end; p++) {                                              \
+            const UT *row = w + o * w0 + ch * w1;                                            \
+            for (int64_t t = 0; t < taps; t++) hist[t * buckets + ((row[t * w2] & SIGN_OFF) >> shift)]++; \
+            if (++ch == cin) ch = 0, o++;                                                    \
+        }                                                                                    \
+    }                                                                                        \
+    static void sp_collect_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {      \
+        const sp_ctx *c = (const sp_ctx *)vctx;                                              \
+        const UT *restrict w = (const UT *)c->w;                                             \
+        uint64_t *restrict keys = c->keys;                                                   \
+        int64_t *restrict key_tap = c->key_tap;                                              \
+        const int64_t cin = c->c, taps = c->taps, w0 = c->ws[0], w1 = c->ws[1], w2 = c->ws[2]; \
+        const UT bucket = (UT)c->bucket;                                                     \
+        const int shift = c->shift;                                                          \
+        int64_t at = c->offset[part], o = begin / cin, ch = begin % cin;                     \
+        for (int64_t p = begin; p < end; p++) {                                              \
+            const UT *row = w + o * w0 + ch * w1;                                            \
+            for (int64_t t = 0; t < taps; t++) {                                             \
+                const UT key = row[t * w2] & SIGN_OFF;                                       \
+                if ((key >> shift) == bucket) {                                              \
+                    keys[at] = key;                                                          \
+                    key_tap[at++] = t;                                                       \
+                }                                                                            \
+            }                                                                                \
+            if (++ch == cin) ch = 0, o++;                                                    \
+        }                                                                                    \
+    }
+
+SP_BODIES(f32, uint32_t, 0x7fffffffU)
+SP_BODIES(f64, uint64_t, 0x7fffffffffffffffULL)
+
+/* The r-th smallest (1-based) of keys[0:n] that share their bits above `low_bits`. */
+static int select_kth(uint64_t *keys, int64_t n, int64_t r, int low_bits, uint64_t *result) {
+    int64_t *hist = malloc(sizeof(int64_t) << 16);
+    if (!hist) return -1;
+    while (low_bits > 0) {
+        int shift = low_bits > 16 ? low_bits - 16 : 0;
+        int width = low_bits - shift;
+        uint64_t digit_mask = (1ULL << width) - 1;
+        memset(hist, 0, sizeof(int64_t) << width);
+        for (int64_t i = 0; i < n; i++) hist[(keys[i] >> shift) & digit_mask]++;
+        uint64_t d = 0;
+        while (r > hist[d]) r -= hist[d++];
+        int64_t kept = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (((keys[i] >> shift) & digit_mask) == d) keys[kept++] = keys[i];
+        }
+        n = kept;
+        low_bits = shift;
+    }
+    *result = keys[0];
+    free(hist);
+    return 0;
+}
+
+/* Histogram bits per tap: 12 (16 KiB) for small kernels, fewer for large ones so that a
+ * thread's histograms stay within 256 KiB. */
+static int bucket_bits(int64_t taps) {
+    int bits = 12;
+    while (bits > 1 && (taps << bits) > (1 << 16)) bits--;
+    return bits;
+}
+
+/* kept: [taps] int64; k in [1, o*c*taps]. Returns 0; 1 when the layer holds inf/NaN (not
+ * handled here); -1 when out of memory. */
+int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
+                      const int64_t *wstrides, int64_t k, int threads, int64_t *kept) {
+    const int64_t rows = o * c, key_bits = is_double ? 63 : 31;
+    const uint64_t inf_key = is_double ? 0x7ff0000000000000ULL : 0x7f800000ULL;
+    int parts = clamp_threads(threads);
+    if (rows * taps < (1 << 15)) parts = 1;
+    if (parts > rows) parts = rows > 0 ? (int)rows : 1;
+    const int bits = bucket_bits(taps);
+    sp_ctx ctx = {w, c, taps, {wstrides[0], wstrides[1], wstrides[2]}, (int)(key_bits - bits),
+                  (int64_t)1 << bits, NULL, 0, NULL, NULL, NULL};
+    const int64_t buckets = ctx.buckets, per_part = taps * buckets;
+    int64_t offset[MAX_THREADS];
+    uint64_t *scratch = NULL;
+    int status = -1;
+    int64_t *total = calloc((size_t)buckets, sizeof(int64_t));
+    ctx.hist = calloc((size_t)(parts * per_part), sizeof(uint32_t));
+    if (!total || !ctx.hist) goto done;
+    parallel_for(rows, parts, is_double ? sp_hist_f64 : sp_hist_f32, &ctx);
+
+    for (int i = 0; i < parts; i++) {
+        for (int64_t t = 0; t < taps; t++) {
+            const uint32_t *h = ctx.hist + i * per_part + t * buckets;
+            for (int64_t b = 0; b < buckets; b++) total[b] += h[b];
+        }
+    }
+    for (int64_t b = (int64_t)(inf_key >> ctx.shift); b < buckets; b++) {
+        if (total[b]) {
+            status = 1;
+            goto done;
+        }
+    }
+    int64_t before = 0, b = 0;
+    while (before + total[b] < k) before += total[b++];
+    ctx.bucket = b;
+    for (int64_t t = 0; t < taps; t++) {
+        kept[t] = 0;
+        for (int i = 0; i < parts; i++) {
+            const uint32_t *h = ctx.hist + i * per_part + t * buckets;
+            for (int64_t above = b + 1; above < buckets; above++) kept[t] += h[above];
+        }
+    }
+    int64_t in_bucket = 0;
+    for (int i = 0; i < parts; i++) {
+        offset[i] = in_bucket;
+        for (int64_t t = 0; t < taps; t++) in_bucket += ctx.hist[i * per_part + t * buckets + b];
+    }
+    ctx.offset = offset;
+    ctx.keys = malloc(sizeof(uint64_t) * (size_t)in_bucket);
+    ctx.key_tap = malloc(sizeof(int64_t) * (size_t)in_bucket);
+    scratch = malloc(sizeof(uint64_t) * (size_t)in_bucket);
+    if (!ctx.keys || !ctx.key_tap || !scratch) goto done;
+    parallel_for(rows, parts, is_double ? sp_collect_f64 : sp_collect_f32, &ctx);
+
+    uint64_t kth;
+    memcpy(scratch, ctx.keys, sizeof(uint64_t) * (size_t)in_bucket);
+    if (select_kth(scratch, in_bucket, k - before, ctx.shift, &kth)) goto done;
+    for (int64_t i = 0; i < in_bucket; i++) kept[ctx.key_tap[i]] += ctx.keys[i] > kth;
+    status = 0;
+done:
+    free(total);
+    free(scratch);
+    free(ctx.hist);
+    free(ctx.keys);
+    free(ctx.key_tap);
+    return status;
+}

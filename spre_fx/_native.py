@@ -1,0 +1,141 @@
+"""Optional C kernels for the per-step mask updates, built on first use and loaded with ctypes.
+
+`masks.nm_mask` and `masks.spatial_mask` hand float32/float64 CPU weights to them. They compute
+exactly what the torch code in masks.py computes (the tests compare the two), in one or two
+passes over the weight where the torch code takes a dozen. Without a C compiler, or with
+`SPRE_FX_NATIVE=0`, the torch code runs and a warning says so once. `backend()` tells which.
+The library is cached per source and compiler under `$SPRE_FX_CACHE` (default
+`~/.cache/spre_fx`); `CC` picks the compiler (default `cc`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("_native.c")
+# The kernels read float bits through integer pointers: no strict-aliasing assumptions.
+_FLAGS = ("-O3", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread")
+_I64 = ctypes.c_int64
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPRE_FX_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "spre_fx")
+    return Path(root) / "native"
+
+
+def _compile() -> ctypes.CDLL:
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    source = _SOURCE.read_bytes()
+    recipe = " ".join([*cc, *_FLAGS, platform.machine()]).encode()
+    tag = hashlib.sha256(source + recipe).hexdigest()[:16]
+    lib = _cache_dir() / f"spre_fx_native_{tag}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        try:  # build aside, then rename: processes of one job may build at the same time
+            cmd = [*cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode:
+                raise OSError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    dll = ctypes.CDLL(str(lib))
+    vp, i64p, cint = ctypes.c_void_p, ctypes.POINTER(_I64), ctypes.c_int
+    dll.spre_nm_mask.argtypes = [vp, cint, vp, _I64, _I64, _I64, i64p, i64p, cint, cint, cint]
+    dll.spre_nm_mask.restype = cint
+    dll.spre_spatial_kept.argtypes = [vp, cint, _I64, _I64, _I64, i64p, _I64, cint, vp]
+    dll.spre_spatial_kept.restype = cint
+    return dll
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (after one warning) when they cannot be built or are off."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                if os.environ.get("SPRE_FX_NATIVE", "1") == "0":
+                    _state["lib"], _state["why"] = None, "disabled by SPRE_FX_NATIVE=0"
+                else:
+                    try:
+                        _state["lib"], _state["why"] = _compile(), None
+                    except (OSError, subprocess.SubprocessError) as e:
+                        _state["lib"], _state["why"] = None, f"not built: {e}"
+                        warnings.warn(f"spre_fx: C mask kernels {_state['why']}; masks are computed "
+                                      "with torch instead (same masks, slower on CPU)", stacklevel=3)
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def backend() -> str:
+    """'native' when the C kernels run, else 'torch (<why>)'."""
+    return "native" if library() is not None else f"torch ({_state['why']})"
+
+
+def _layout(t: Tensor) -> tuple[int, int, int, tuple[int, int, int]] | None:
+    """(O, C, taps, element strides of o, c and tap) of `[O, C, *kernel]`, when the kernel axes
+    collapse into one strided axis (contiguous and channels_last do); else None."""
+    kernel = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    for (_, outer), (size, inner) in zip(kernel, kernel[1:]):
+        if outer != inner * size:
+            return None
+    tap_stride = kernel[-1][1] if kernel else 1
+    return t.shape[0], t.shape[1], math.prod(t.shape[2:]), (t.stride(0), t.stride(1), tap_stride)
+
+
+def _ready(weight: Tensor) -> ctypes.CDLL | None:
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
+        return None
+    return library()
+
+
+def nm_mask(weight: Tensor, n: int, m: int, out: Tensor) -> bool:
+    """Write the N:M mask of `weight` into the bool tensor `out`; False when not handled here."""
+    lib = _ready(weight)
+    if lib is None or m > 8 or out.device.type != "cpu":
+        return False
+    wl, ol = _layout(weight), _layout(out)
+    if wl is None or ol is None:
+        return False
+    o, c, taps, wstrides = wl
+    rc = lib.spre_nm_mask(weight.data_ptr(), int(weight.dtype == torch.float64), out.data_ptr(),
+                          o, c, taps, (_I64 * 3)(*wstrides), (_I64 * 3)(*ol[3]), n, m,
+                          torch.get_num_threads())
+    if rc:
+        return False
+    if not out.is_inference():  # written behind autograd's back: caches keyed on it must see it
+        torch.autograd.graph.increment_version(out)
+    return True
+
+
+def spatial_kept(weight: Tensor, k: int) -> Tensor | None:
+    """Per kernel tap, how many |w| exceed the k-th smallest |w| of the layer (1 <= k <= numel):
+    the per-tap kept counts of `masks.magnitude_mask`. None when not handled here."""
+    lib = _ready(weight)
+    layout = _layout(weight) if lib is not None else None
+    if layout is None:
+        return None
+    o, c, taps, strides = layout
+    kept = torch.empty(taps, dtype=torch.int64)
+    rc = lib.spre_spatial_kept(weight.data_ptr(), int(weight.dtype == torch.float64), o, c, taps,
+                               (_I64 * 3)(*strides), k, torch.get_num_threads(), kept.data_ptr())
+    return kept.reshape(weight.shape[2:]) if rc == 0 else None

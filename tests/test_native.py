@@ -1,0 +1,189 @@
+"""The C mask kernels (spre_fx/_native.c) against the torch code they replace, and their fallback.
+
+Expectations come from the torch implementations in masks.py (themselves checked against
+plain-Python references in test_masks.py), never from the kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import spre_fx
+from spre_fx import _native
+from spre_fx.masks import _nm_mask_torch, magnitude_mask, nm_mask, spatial_mask, spatial_sparsity
+
+needs_native = pytest.mark.skipif(_native.library() is None, reason=f"C mask kernels: {_native.backend()}")
+SETTINGS = settings(max_examples=60, deadline=None)
+FLOATS = [torch.float32, torch.float64]
+
+
+def rand_weight(shape, dtype, seed: int, ties: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # many equal |w|, zeros and opposite signs included
+        return torch.randint(-3, 4, shape, generator=g).to(dtype)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def relayout(w: torch.Tensor, how: str) -> torch.Tensor:
+    """Same values stored contiguous, channels-last, or as a strided slice of a larger tensor."""
+    if how == "channels_last":
+        return w.movedim(1, -1).contiguous().movedim(-1, 1)
+    if how == "slice":
+        wide = torch.zeros(w.shape[0] * 2, *w.shape[1:], dtype=w.dtype)
+        wide[1::2] = w
+        return wide[1::2]
+    return w.contiguous()
+
+
+@st.composite
+def kernels(draw) -> tuple[int, ...]:
+    """(), small 1-3-D kernels, and large ones (> 16 taps: fewer histogram bits per tap)."""
+    return draw(st.one_of(
+        st.just(()),
+        st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+        st.sampled_from([(7, 7), (13, 11), (5, 5, 5), (1, 70)]),
+    ))
+
+
+@needs_native
+@SETTINGS
+@given(
+    m=st.integers(2, 8),
+    n_frac=st.floats(0.0, 1.0),
+    o=st.integers(1, 4),
+    groups=st.integers(1, 4),
+    kernel=kernels(),
+    dtype=st.sampled_from(FLOATS),
+    ties=st.booleans(),
+    nans=st.booleans(),
+    layout=st.sampled_from(["contiguous", "channels_last", "slice"]),
+    out_layout=st.sampled_from(["contiguous", "channels_last"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_nm_kernel_equals_torch(m, n_frac, o, groups, kernel, dtype, ties, nans, layout, out_layout, seed):
+    """Same mask bit for bit: ties, zeros and NaN, any weight layout and any out layout."""
+    n = min(m - 1, 1 + int(n_frac * (m - 1)))
+    w = rand_weight((o, m * groups, *kernel), dtype, seed, ties)
+    if nans:
+        w.view(-1)[:: 5] = float("nan")
+    w = relayout(w, layout)
+    expect = torch.empty(w.shape, dtype=torch.bool)
+    _nm_mask_torch(w.contiguous(), n, m, expect)
+    out = relayout(torch.zeros(w.shape, dtype=torch.bool), out_layout)
+    assert _native.nm_mask(w, n, m, out)
+    assert torch.equal(out, expect)
+    assert torch.equal(nm_mask(w, n, m), expect)
+
+
+@needs_native
+@SETTINGS
+@given(
+    o=st.integers(1, 5),
+    c=st.integers(1, 6),
+    kernel=kernels().filter(len),
+    dtype=st.sampled_from(FLOATS),
+    ties=st.booleans(),
+    rate=st.floats(0.0, 0.999),
+    layout=st.sampled_from(["contiguous", "channels_last", "slice"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_spatial_kernel_counts_what_magnitude_pruning_keeps(o, c, kernel, dtype, ties, rate, layout, seed):
+    """Per tap, the kernel's kept count equals that of magnitude_mask (ties at the k-th pruned)."""
+    w = relayout(rand_weight((o, c, *kernel), dtype, seed, ties), layout)
+    k = int(round(rate * w.numel()))
+    assume(0 < k < w.numel())  # k = 0 is left to magnitude_mask (keep all)
+    kept = _native.spatial_kept(w, k)
+    assert kept is not None and kept.dtype == torch.int64 and kept.shape == w.shape[2:]
+    assert torch.equal(kept, magnitude_mask(w, rate).sum(dim=(0, 1)))
+    assert torch.equal(spatial_mask(w, rate), spatial_sparsity(magnitude_mask(w, rate)) < rate)
+
+
+@needs_native
+@settings(max_examples=25, deadline=None)
+@given(base=st.floats(0.1, 10.0), numel=st.integers(50, 2000), dtype=st.sampled_from(FLOATS),
+       rate=st.floats(0.01, 0.99), seed=st.integers(0, 2**31 - 1))
+def test_spatial_kernel_resolves_neighbouring_floats(base, numel, dtype, rate, seed):
+    """Values one ulp apart all land in one histogram bucket: the select must go to the last bit."""
+    vals = torch.full((numel,), base, dtype=dtype)
+    for _ in range(int(torch.randint(0, 40, (), generator=torch.Generator().manual_seed(seed)))):
+        vals = torch.nextafter(vals, torch.tensor(float("inf"), dtype=dtype))
+    steps = torch.randint(0, 64, (numel,), generator=torch.Generator().manual_seed(seed))
+    for _ in range(6):  # a cloud of values a few ulps apart
+        vals = torch.where(steps % 2 == 1, torch.nextafter(vals, torch.tensor(0.0, dtype=dtype)), vals)
+        steps = steps // 2
+    w = vals.reshape(numel, 1, 1, 1).expand(numel, 1, 1, 3).contiguous()
+    k = max(1, int(round(rate * w.numel())))
+    assert torch.equal(_native.spatial_kept(w, k), magnitude_mask(w, k / w.numel()).sum(dim=(0, 1)))
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_spatial_kernel_leaves_non_finite_layers_to_torch(bad):
+    """inf/NaN: the kernel declines (None) and spatial_mask still equals its definition."""
+    w = torch.randn(8, 8, 3, 3)
+    w[2, 3, 1, 1] = bad
+    assert _native.spatial_kept(w, 100) is None
+    assert torch.equal(spatial_mask(w, 0.5), spatial_sparsity(magnitude_mask(w, 0.5)) < 0.5)
+
+
+@needs_native
+def test_nm_kernel_bumps_the_version_of_out():
+    """Writes behind autograd's back still invalidate caches keyed on the buffer's version."""
+    w = torch.randn(8, 16, 3, 3)
+    out = torch.zeros(w.shape, dtype=torch.bool)
+    before = out._version
+    nm_mask(w, 2, 4, out=out)
+    assert out._version > before
+    assert torch.equal(out, nm_mask(w.clone(), 2, 4))
+
+
+def test_kernels_decline_what_they_do_not_cover():
+    """Half precision, M > 8 and non-collapsible kernel strides go to the torch code."""
+    out = torch.zeros(4, 16, 3, 3, dtype=torch.bool)
+    assert not _native.nm_mask(torch.randn(4, 16, 3, 3).half(), 2, 4, out)
+    assert not _native.nm_mask(torch.randn(4, 16, 3, 3), 2, 16, out)
+    assert _native.spatial_kept(torch.randn(4, 16, 3, 3).bfloat16(), 10) is None
+    skew = torch.randn(4, 16, 3, 5)[..., ::2]  # kernel axes that do not collapse into one
+    assert _native._layout(skew) is None
+    w = torch.randn(4, 16, 3, 3, dtype=torch.float64)[..., ::2, :]
+    assert torch.equal(nm_mask(w, 2, 4), nm_mask(w.contiguous(), 2, 4))
+
+
+def test_without_a_compiler_masks_fall_back_to_torch_with_one_warning(monkeypatch, tmp_path):
+    """A failing build warns once, says why in backend(), and the masks are unchanged."""
+    w = torch.randn(8, 16, 3, 3)
+    expect = torch.empty(w.shape, dtype=torch.bool)
+    _nm_mask_torch(w, 2, 4, expect)
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("SPRE_FX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    with pytest.warns(UserWarning, match="C mask kernels not built"):
+        assert torch.equal(nm_mask(w, 2, 4), expect)
+    assert _native.backend().startswith("torch (not built")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        assert torch.equal(spatial_mask(w, 0.5), spatial_sparsity(magnitude_mask(w, 0.5)) < 0.5)
+
+
+def test_native_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("SPRE_FX_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.library() is None
+    assert _native.backend() == "torch (disabled by SPRE_FX_NATIVE=0)"
+
+
+def test_report_says_what_computes_the_masks():
+    """A prepared model's report names the mask backend; a converted model has no masks."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 3))
+    prepared = spre_fx.prepare(model, dense_stem=False)
+    rep = spre_fx.report(prepared)
+    assert rep.mask_kernels == _native.backend()
+    assert f"CPU mask updates: {_native.backend()}" in str(rep)
+    assert spre_fx.report(spre_fx.convert(prepared)).mask_kernels is None
