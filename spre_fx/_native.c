@@ -52,56 +52,91 @@ static int clamp_threads(int threads) {
 
 /* ------------------------------------------------------------------ N:M mask
  * rank_i = i + #{k > i : a_i < a_k} - #{j < i : a_j < a_i}; keep rank_i < N. The same formula
- * (and so the same ties and NaN behaviour) as masks._nm_mask_torch.
+ * (and so the same ties and NaN behaviour) as masks._nm_mask_torch. One body per dtype, M in
+ * 2..8 (a compile-time constant, so the pairwise loops unroll) and layout:
+ *   flat: groups are consecutive runs of M in memory, in the same order in weight and mask
+ *         ([O, *kernel, C] contiguous: channels_last, and every 1x1 or linear weight);
+ *   taps: [O, C, taps] contiguous with taps > 1: the loop over taps has unit stride (vectorises);
+ *   strided: anything else whose kernel axes collapse into one stride.
  */
 typedef struct {
     const void *w;
     uint8_t *out;
     int64_t groups, taps;
     int64_t ws[3], os[3]; /* strides of o, c, tap */
-    int n, m;
+    int n;
 } nm_ctx;
 
-/* Locals only inside the loops: the uint8 stores may alias anything, ctx fields included.
- * M is a compile-time constant (one body per M in 2..8), so the pairwise loops unroll. */
-#define NM_BODY(NAME, T, ABS, MC)                                                          \
-    static void NAME(void *vctx, int64_t begin, int64_t end, int part) {                   \
-        (void)part;                                                                        \
-        const nm_ctx *c = (const nm_ctx *)vctx;                                            \
-        const T *restrict w = (const T *)c->w;                                             \
-        uint8_t *restrict out = c->out;                                                    \
-        const int64_t groups = c->groups, taps = c->taps;                                  \
-        const int64_t w0 = c->ws[0], w1 = c->ws[1], w2 = c->ws[2];                         \
-        const int64_t o0 = c->os[0], o1 = c->os[1], o2 = c->os[2];                         \
-        const int n = c->n, m = MC;                                        \
-        for (int64_t p = begin; p < end; p++) {                                            \
-            const int64_t o = p / groups, c0 = (p % groups) * m;                           \
-            const T *wb = w + o * w0 + c0 * w1;                                            \
-            uint8_t *ob = out + o * o0 + c0 * o1;                                          \
-            for (int64_t t = 0; t < taps; t++) {                                           \
-                T a[8];                                                                    \
-                int rank[8];                                                               \
-                _Pragma("GCC unroll 8") for (int i = 0; i < m; i++) {                      \
-                    a[i] = ABS(wb[i * w1 + t * w2]);                                       \
-                    rank[i] = i;                                                           \
-                }                                                                          \
-                _Pragma("GCC unroll 8") for (int i = 0; i < m; i++) {                      \
-                    _Pragma("GCC unroll 8") for (int j = i + 1; j < m; j++) {              \
-                        int beaten = a[i] < a[j];                                          \
-                        rank[i] += beaten;                                                 \
-                        rank[j] -= beaten;                                                 \
-                    }                                                                      \
-                }                                                                          \
-                _Pragma("GCC unroll 8") for (int i = 0; i < m; i++) {                      \
-                    ob[i * o1 + t * o2] = rank[i] < n;                                     \
-                }                                                                          \
-            }                                                                              \
-        }                                                                                  \
+/* Rank the M values a[0..M) and store keep flags at ob[i * OSTEP]. */
+#define NM_RANK_STORE(T, MC, ob, OSTEP)                                           \
+    do {                                                                          \
+        int rank[MC];                                                             \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MC; i++) rank[i] = i;         \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MC; i++) {                    \
+            _Pragma("GCC unroll 8") for (int j = i + 1; j < MC; j++) {            \
+                int beaten = a[i] < a[j];                                         \
+                rank[i] += beaten;                                                \
+                rank[j] -= beaten;                                                \
+            }                                                                     \
+        }                                                                         \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MC; i++) (ob)[i * (OSTEP)] = rank[i] < n; \
+    } while (0)
+
+/* Locals only inside the loops: the uint8 stores may alias anything, ctx fields included. */
+#define NM_BODIES_FOR(SUFFIX, T, ABS, MC)                                                      \
+    static void nm_flat_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {           \
+        (void)part;                                                                            \
+        const nm_ctx *c = (const nm_ctx *)vctx;                                                \
+        const T *restrict w = (const T *)c->w;                                                 \
+        uint8_t *restrict out = c->out;                                                        \
+        const int n = c->n;                                                                    \
+        for (int64_t q = begin; q < end; q++) {                                                \
+            T a[MC];                                                                           \
+            _Pragma("GCC unroll 8") for (int i = 0; i < MC; i++) a[i] = ABS(w[q * MC + i]);    \
+            NM_RANK_STORE(T, MC, out + q * MC, 1);                                             \
+        }                                                                                      \
+    }                                                                                          \
+    static void nm_taps_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {           \
+        (void)part;                                                                            \
+        const nm_ctx *c = (const nm_ctx *)vctx;                                                \
+        const T *restrict w = (const T *)c->w;                                                 \
+        uint8_t *restrict out = c->out;                                                        \
+        const int64_t taps = c->taps, row = MC * taps; /* [O * C/M] blocks of M rows */        \
+        const int n = c->n;                                                                    \
+        for (int64_t p = begin; p < end; p++) {                                                \
+            const T *wb = w + p * row;                                                         \
+            uint8_t *ob = out + p * row;                                                       \
+            for (int64_t t = 0; t < taps; t++) {                                               \
+                T a[MC];                                                                       \
+                _Pragma("GCC unroll 8") for (int i = 0; i < MC; i++) a[i] = ABS(wb[i * taps + t]); \
+                NM_RANK_STORE(T, MC, ob + t, taps);                                            \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    static void nm_strided_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {        \
+        (void)part;                                                                            \
+        const nm_ctx *c = (const nm_ctx *)vctx;                                                \
+        const T *restrict w = (const T *)c->w;                                                 \
+        uint8_t *restrict out = c->out;                                                        \
+        const int64_t groups = c->groups, taps = c->taps;                                      \
+        const int64_t w0 = c->ws[0], w1 = c->ws[1], w2 = c->ws[2];                             \
+        const int64_t o0 = c->os[0], o1 = c->os[1], o2 = c->os[2];                             \
+        const int n = c->n;                                                                    \
+        int64_t o = begin / groups, g = begin % groups; /* no division per group */           \
+        for (int64_t p = begin; p < end; p++, g = g + 1 == groups ? (o++, 0) : g + 1) {        \
+            const T *wb = w + o * w0 + g * MC * w1;                                            \
+            uint8_t *ob = out + o * o0 + g * MC * o1;                                          \
+            for (int64_t t = 0; t < taps; t++) {                                               \
+                T a[MC];                                                                       \
+                _Pragma("GCC unroll 8") for (int i = 0; i < MC; i++) a[i] = ABS(wb[i * w1 + t * w2]); \
+                NM_RANK_STORE(T, MC, ob + t * o2, o1);                                         \
+            }                                                                                  \
+        }                                                                                      \
     }
 
-#define NM_BODIES(MC)                        \
-    NM_BODY(nm_f32_m##MC, float, fabsf, MC) \
-    NM_BODY(nm_f64_m##MC, double, fabs, MC)
+#define NM_BODIES(MC)                                   \
+    NM_BODIES_FOR(f32_m##MC, float, fabsf, MC)          \
+    NM_BODIES_FOR(f64_m##MC, double, fabs, MC)
 NM_BODIES(2)
 NM_BODIES(3)
 NM_BODIES(4)
@@ -110,23 +145,34 @@ NM_BODIES(6)
 NM_BODIES(7)
 NM_BODIES(8)
 
-static body_fn nm_body(int is_double, int m) {
-    static const body_fn f32[] = {nm_f32_m2, nm_f32_m3, nm_f32_m4, nm_f32_m5, nm_f32_m6, nm_f32_m7, nm_f32_m8};
-    static const body_fn f64[] = {nm_f64_m2, nm_f64_m3, nm_f64_m4, nm_f64_m5, nm_f64_m6, nm_f64_m7, nm_f64_m8};
-    return is_double ? f64[m - 2] : f32[m - 2];
-}
+#define NM_TABLE(LAYOUT, T)                                                             \
+    {nm_##LAYOUT##_##T##_m2, nm_##LAYOUT##_##T##_m3, nm_##LAYOUT##_##T##_m4,            \
+     nm_##LAYOUT##_##T##_m5, nm_##LAYOUT##_##T##_m6, nm_##LAYOUT##_##T##_m7,            \
+     nm_##LAYOUT##_##T##_m8}
+static const body_fn nm_bodies[3][2][7] = {
+    {NM_TABLE(flat, f32), NM_TABLE(flat, f64)},
+    {NM_TABLE(taps, f32), NM_TABLE(taps, f64)},
+    {NM_TABLE(strided, f32), NM_TABLE(strided, f64)},
+};
 
 /* Returns 0 on success, -1 on arguments it does not handle (M > 8). */
 int spre_nm_mask(const void *w, int is_double, uint8_t *out, int64_t o, int64_t c, int64_t taps,
                  const int64_t *wstrides, const int64_t *ostrides, int n, int m, int threads) {
     if (m < 2 || m > 8 || n < 1 || n >= m || c % m) return -1;
     nm_ctx ctx = {w, out, c / m, taps, {wstrides[0], wstrides[1], wstrides[2]},
-                  {ostrides[0], ostrides[1], ostrides[2]}, n, m};
-    int64_t work = o * (c / m);
+                  {ostrides[0], ostrides[1], ostrides[2]}, n};
+    const int64_t *ws = wstrides, *os = ostrides;
+    /* [O, taps, C] contiguous in both (a single tap counts as any layout) */
+    int flat = ws[1] == 1 && os[1] == 1 && (taps == 1 || (ws[2] == c && os[2] == c)) &&
+               ws[0] == taps * c && os[0] == taps * c;
+    int tap_major = !flat && ws[2] == 1 && os[2] == 1 && ws[1] == taps && os[1] == taps &&
+                    ws[0] == c * taps && os[0] == c * taps;
+    int layout = flat ? 0 : (tap_major ? 1 : 2);
+    int64_t work = flat ? o * taps * (c / m) : o * (c / m);
     int parts = clamp_threads(threads);
-    if (work * m * taps < (1 << 15)) parts = 1;
+    if (work * m * (flat ? 1 : taps) < (1 << 15)) parts = 1;
     if (parts > work) parts = work > 0 ? (int)work : 1;
-    parallel_for(work, parts, nm_body(is_double, m), &ctx);
+    parallel_for(work, parts, nm_bodies[layout][is_double != 0][m - 2], &ctx);
     return 0;
 }
 

@@ -122,6 +122,24 @@ def test_spatial_kernel_resolves_neighbouring_floats(base, numel, dtype, rate, s
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(67, 128, 3, 3), (301, 128, 1, 1), (5, 8, 31, 29)])
+def test_kernels_split_across_threads_like_one(threads, shape):
+    """Layers big enough to be split across threads (chunks start mid-row) give the same result."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = rand_weight(shape, torch.float32, seed=sum(shape), ties=False)
+        expect = torch.empty(w.shape, dtype=torch.bool)
+        _nm_mask_torch(w, 2, 4, expect)
+        assert torch.equal(nm_mask(w, 2, 4), expect)
+        kept = _native.spatial_kept(w, w.numel() // 2)
+        assert torch.equal(kept, magnitude_mask(w, (w.numel() // 2) / w.numel()).sum(dim=(0, 1)))
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_spatial_kernel_leaves_non_finite_layers_to_torch(bad):
     """inf/NaN: the kernel declines (None) and spatial_mask still equals its definition."""
