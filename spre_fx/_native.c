@@ -11,6 +11,7 @@
 #include <string.h>
 
 #define MAX_THREADS 64
+#define SERIAL_BELOW (1 << 16) /* elements under which a thread costs more than it saves */
 
 /* ------------------------------------------------------------------ parallel for */
 typedef void (*body_fn)(void *ctx, int64_t begin, int64_t end, int part);
@@ -170,7 +171,7 @@ int spre_nm_mask(const void *w, int is_double, uint8_t *out, int64_t o, int64_t 
     int layout = flat ? 0 : (tap_major ? 1 : 2);
     int64_t work = flat ? o * taps * (c / m) : o * (c / m);
     int parts = clamp_threads(threads);
-    if (work * m * (flat ? 1 : taps) < (1 << 15)) parts = 1;
+    if (work * m * (flat ? 1 : taps) < SERIAL_BELOW) parts = 1;
     if (parts > work) parts = work > 0 ? (int)work : 1;
     parallel_for(work, parts, nm_bodies[layout][is_double != 0][m - 2], &ctx);
     return 0;
@@ -239,12 +240,13 @@ typedef struct {
 SP_BODIES(f32, uint32_t, 0x7fffffffU)
 SP_BODIES(f64, uint64_t, 0x7fffffffffffffffULL)
 
+#define DIGIT_BITS 11 /* select digits: a 16 KiB histogram on the stack */
+
 /* The r-th smallest (1-based) of keys[0:n] that share their bits above `low_bits`. */
-static int select_kth(uint64_t *keys, int64_t n, int64_t r, int low_bits, uint64_t *result) {
-    int64_t *hist = malloc(sizeof(int64_t) << 16);
-    if (!hist) return -1;
+static uint64_t select_kth(uint64_t *keys, int64_t n, int64_t r, int low_bits) {
+    int64_t hist[1 << DIGIT_BITS];
     while (low_bits > 0) {
-        int shift = low_bits > 16 ? low_bits - 16 : 0;
+        int shift = low_bits > DIGIT_BITS ? low_bits - DIGIT_BITS : 0;
         int width = low_bits - shift;
         uint64_t digit_mask = (1ULL << width) - 1;
         memset(hist, 0, sizeof(int64_t) << width);
@@ -258,16 +260,15 @@ static int select_kth(uint64_t *keys, int64_t n, int64_t r, int low_bits, uint64
         n = kept;
         low_bits = shift;
     }
-    *result = keys[0];
-    free(hist);
-    return 0;
+    return keys[0];
 }
 
-/* Histogram bits per tap: 12 (16 KiB) for small kernels, fewer for large ones so that a
- * thread's histograms stay within 256 KiB. */
-static int bucket_bits(int64_t taps) {
+/* Histogram bits per tap: up to 12 (16 KiB), fewer for small layers (a histogram much larger
+ * than the layer costs more to clear and scan than it saves) and for large kernels (a thread's
+ * histograms stay within 256 KiB). */
+static int bucket_bits(int64_t numel, int64_t taps) {
     int bits = 12;
-    while (bits > 1 && (taps << bits) > (1 << 16)) bits--;
+    while (bits > 4 && ((taps << bits) > (1 << 16) || (taps << bits) > numel / 8)) bits--;
     return bits;
 }
 
@@ -278,9 +279,9 @@ int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_
     const int64_t rows = o * c, key_bits = is_double ? 63 : 31;
     const uint64_t inf_key = is_double ? 0x7ff0000000000000ULL : 0x7f800000ULL;
     int parts = clamp_threads(threads);
-    if (rows * taps < (1 << 15)) parts = 1;
+    if (rows * taps < SERIAL_BELOW) parts = 1;
     if (parts > rows) parts = rows > 0 ? (int)rows : 1;
-    const int bits = bucket_bits(taps);
+    const int bits = bucket_bits(rows * taps, taps);
     sp_ctx ctx = {w, c, taps, {wstrides[0], wstrides[1], wstrides[2]}, (int)(key_bits - bits),
                   (int64_t)1 << bits, NULL, 0, NULL, NULL, NULL};
     const int64_t buckets = ctx.buckets, per_part = taps * buckets;
@@ -326,9 +327,8 @@ int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_
     if (!ctx.keys || !ctx.key_tap || !scratch) goto done;
     parallel_for(rows, parts, is_double ? sp_collect_f64 : sp_collect_f32, &ctx);
 
-    uint64_t kth;
     memcpy(scratch, ctx.keys, sizeof(uint64_t) * (size_t)in_bucket);
-    if (select_kth(scratch, in_bucket, k - before, ctx.shift, &kth)) goto done;
+    const uint64_t kth = select_kth(scratch, in_bucket, k - before, ctx.shift);
     for (int64_t i = 0; i < in_bucket; i++) kept[ctx.key_tap[i]] += ctx.keys[i] > kth;
     status = 0;
 done:

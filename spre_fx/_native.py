@@ -34,10 +34,8 @@ _state: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SPRE_FX_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "spre_fx")
+    """`$SPRE_FX_CACHE/native`, the cache scripts/setup_venv.sh uses too (default ~/.cache/spre_fx)."""
+    root = os.environ.get("SPRE_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spre_fx")
     return Path(root) / "native"
 
 
