@@ -103,6 +103,8 @@ def _layout(t: Tensor) -> tuple[int, int, int, tuple[int, int, int]] | None:
 def _ready(weight: Tensor) -> ctypes.CDLL | None:
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
         return None
+    if torch.compiler.is_compiling():  # no data pointers while tracing: the torch code compiles
+        return None
     return library()
 
 

@@ -165,11 +165,21 @@ class _NMMixin:
     @torch.no_grad()
     def update_masks(self) -> None:
         """Recompute the masks from the dense latent weight."""
-        nm_mask(self.weight, *self.nm, out=self.nm_mask)
+        self._compute_masks()
         self._mask_version = self.weight._version
 
+    def _compute_masks(self) -> None:
+        with torch.no_grad():
+            nm_mask(self.weight, *self.nm, out=self.nm_mask)
+
     def _follow_weight(self) -> None:
-        if self.training and not self.frozen and self.weight._version != self._mask_version:
+        if not self.training or self.frozen:
+            return
+        if torch.compiler.is_compiling():
+            # A compiled graph cannot branch on the version counter (it would be read once, at
+            # trace time): recompute, which gives the same masks when the weight has not moved.
+            self._compute_masks()
+        elif self.weight._version != self._mask_version:
             self.update_masks()
 
     def _cached(self, name: str, sources: tuple[Tensor, ...], make) -> Tensor:
@@ -275,10 +285,10 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
         new._init_nm(n, m, decay)
         return new
 
-    @torch.no_grad()
-    def update_masks(self) -> None:
-        super().update_masks()
-        self.spatial_mask.copy_(spatial_mask(self.weight, 1.0 - self.nm[0] / self.nm[1]))
+    def _compute_masks(self) -> None:
+        super()._compute_masks()
+        with torch.no_grad():
+            self.spatial_mask.copy_(spatial_mask(self.weight, 1.0 - self.nm[0] / self.nm[1]))
 
     def _rep_mask(self) -> Tensor:
         """M_nm ⊙ S in the branch weight's dtype (bools read as uint8: faster on CPU)."""
