@@ -3,8 +3,10 @@
     python benchmarks/masks.py --model resnet18
 
 Prints the median over repeats of: `nm_mask` for every N:M-eligible conv (what a
-`MaskScheduler` step computes), `spatial_mask` for every k×k conv (the SpRe layers), and, for
-the largest weight, a bool mask cast to float read as bool and as uint8.
+`MaskScheduler` step computes) and `spatial_mask` for every k×k conv (the SpRe layers), each
+with the C kernels (spre_fx/_native.c) and with the torch code they replace, interleaved, with
+the median of per-repeat ratios; and, for the largest weight, a bool mask cast to float read as
+bool and as uint8.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 import torch
 import torchvision
 
-from spre_fx.masks import nm_mask, spatial_mask
+from spre_fx import _native
+from spre_fx.masks import _nm_mask_torch, magnitude_mask, nm_mask, spatial_mask, spatial_sparsity
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -27,6 +30,18 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def interleaved_ms(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Times of `a` and `b` in ms, run alternately after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, ts in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+    return ta, tb
 
 
 def main(argv=None) -> None:
@@ -41,12 +56,23 @@ def main(argv=None) -> None:
              if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.in_channels % 4 == 0]
     spatial = [w for w in convs if w.shape[-1] > 1]
     masks = [torch.empty(w.shape, dtype=torch.bool) for w in convs]
-    print(f"{args.model}, {args.threads} threads, median of {args.repeats}")
-    ms = median_ms(lambda: [nm_mask(w, 2, 4, out=o) for w, o in zip(convs, masks)], args.repeats)
-    print(f"nm_mask 2:4, {len(convs)} convs, {sum(w.numel() for w in convs) / 1e6:.1f}M weights: {ms:.1f} ms")
-    ms = median_ms(lambda: [spatial_mask(w, 0.5) for w in spatial], args.repeats)
-    mw = sum(w.numel() for w in spatial) / 1e6
-    print(f"spatial_mask, {len(spatial)} k×k convs, {mw:.1f}M weights: {ms:.1f} ms")
+    print(f"{args.model}, {args.threads} threads, median of {args.repeats}, C kernels: {_native.backend()}")
+    rate = 0.5
+    pairs = {
+        f"nm_mask 2:4, {len(convs)} convs, {sum(w.numel() for w in convs) / 1e6:.1f}M weights": (
+            lambda: [nm_mask(w, 2, 4, out=o) for w, o in zip(convs, masks)],
+            lambda: [_nm_mask_torch(w, 2, 4, o) for w, o in zip(convs, masks)],
+        ),
+        f"spatial_mask, {len(spatial)} k×k convs, {sum(w.numel() for w in spatial) / 1e6:.1f}M weights": (
+            lambda: [spatial_mask(w, rate) for w in spatial],
+            lambda: [spatial_sparsity(magnitude_mask(w, rate)) < rate for w in spatial],
+        ),
+    }
+    for name, (native, torch_code) in pairs.items():
+        t_native, t_torch = interleaved_ms(native, torch_code, args.repeats)
+        ratio = statistics.median(a / b for a, b in zip(t_native, t_torch))
+        native_ms, torch_ms = statistics.median(t_native), statistics.median(t_torch)
+        print(f"{name}: {native_ms:.1f} ms, torch code {torch_ms:.1f} ms, ratio {ratio:.2f}")
     big = max(masks, key=torch.Tensor.numel)
     for name, src in (("bool", big), ("uint8 view", big.view(torch.uint8))):
         ms = median_ms(lambda src=src: src.to(torch.float32), args.repeats)
