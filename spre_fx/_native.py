@@ -100,8 +100,13 @@ def _layout(t: Tensor) -> tuple[int, int, int, tuple[int, int, int]] | None:
     return t.shape[0], t.shape[1], math.prod(t.shape[2:]), (t.stride(0), t.stride(1), tap_stride)
 
 
+def _plain_cpu(t: Tensor) -> bool:
+    """A real CPU tensor with memory behind it (not fake, meta, DTensor or another subclass)."""
+    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+
+
 def _ready(weight: Tensor) -> ctypes.CDLL | None:
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
+    if not _plain_cpu(weight) or weight.dtype not in (torch.float32, torch.float64):
         return None
     if torch.compiler.is_compiling():  # no data pointers while tracing: the torch code compiles
         return None
@@ -111,7 +116,7 @@ def _ready(weight: Tensor) -> ctypes.CDLL | None:
 def nm_mask(weight: Tensor, n: int, m: int, out: Tensor) -> bool:
     """Write the N:M mask of `weight` into the bool tensor `out`; False when not handled here."""
     lib = _ready(weight)
-    if lib is None or m > 8 or out.device.type != "cpu":
+    if lib is None or m > 8 or not _plain_cpu(out):
         return False
     wl, ol = _layout(weight), _layout(out)
     if wl is None or ol is None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import spre_fx
 from spre_fx import _native
@@ -170,6 +171,10 @@ def test_kernels_decline_what_they_do_not_cover():
     assert _native._layout(skew) is None
     w = torch.randn(4, 16, 3, 3, dtype=torch.float64)[..., ::2, :]
     assert torch.equal(nm_mask(w, 2, 4), nm_mask(w.contiguous(), 2, 4))
+    with FakeTensorMode():  # no memory behind a fake tensor: the torch code traces it
+        fake = torch.randn(4, 16, 3, 3)
+        assert not _native.nm_mask(fake, 2, 4, torch.empty(fake.shape, dtype=torch.bool))
+        assert nm_mask(fake, 2, 4).shape == fake.shape
 
 
 def test_without_a_compiler_masks_fall_back_to_torch_with_one_warning(monkeypatch, tmp_path):
