@@ -182,7 +182,7 @@ int spre_nm_mask(const void *w, int is_double, uint8_t *out, int64_t o, int64_t 
  * kept counts of masks.magnitude_mask (`a > v_k`: ties at v_k are pruned). Non-negative floats
  * order like their bit patterns with the sign bit cleared, so v_k is found by a radix select:
  * pass 1 builds a histogram of the top `bits` bits per tap, which gives the bucket holding v_k
- * and, per tap, the count above it; pass 2 collects that one bucket, selected 16 bits at a time.
+ * and, per tap, the count above it; pass 2 collects that one bucket, selected 11 bits at a time.
  * Layers holding inf or NaN (or |w| within a bucket of inf) are left to the torch code.
  */
 typedef struct {
