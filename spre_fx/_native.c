@@ -57,8 +57,8 @@ static int clamp_threads(int threads) {
  * 2..8 (a compile-time constant, so the pairwise loops unroll) and layout:
  *   flat: groups are consecutive runs of M in memory, in the same order in weight and mask
  *         ([O, *kernel, C] contiguous: channels_last, and every 1x1 or linear weight);
- *   taps: [O, C, taps] contiguous with taps > 1: the loop over taps has unit stride (vectorises);
- *   strided: anything else whose kernel axes collapse into one stride.
+ *   strided: anything else whose kernel axes collapse into one stride (contiguous k×k included:
+ *            a body with unit tap stride measured no faster, the compiler does not vectorise it).
  */
 typedef struct {
     const void *w;
@@ -97,23 +97,6 @@ typedef struct {
             NM_RANK_STORE(T, MC, out + q * MC, 1);                                             \
         }                                                                                      \
     }                                                                                          \
-    static void nm_taps_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {           \
-        (void)part;                                                                            \
-        const nm_ctx *c = (const nm_ctx *)vctx;                                                \
-        const T *restrict w = (const T *)c->w;                                                 \
-        uint8_t *restrict out = c->out;                                                        \
-        const int64_t taps = c->taps, row = MC * taps; /* [O * C/M] blocks of M rows */        \
-        const int n = c->n;                                                                    \
-        for (int64_t p = begin; p < end; p++) {                                                \
-            const T *wb = w + p * row;                                                         \
-            uint8_t *ob = out + p * row;                                                       \
-            for (int64_t t = 0; t < taps; t++) {                                               \
-                T a[MC];                                                                       \
-                _Pragma("GCC unroll 8") for (int i = 0; i < MC; i++) a[i] = ABS(wb[i * taps + t]); \
-                NM_RANK_STORE(T, MC, ob + t, taps);                                            \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
     static void nm_strided_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {        \
         (void)part;                                                                            \
         const nm_ctx *c = (const nm_ctx *)vctx;                                                \
@@ -150,9 +133,8 @@ NM_BODIES(8)
     {nm_##LAYOUT##_##T##_m2, nm_##LAYOUT##_##T##_m3, nm_##LAYOUT##_##T##_m4,            \
      nm_##LAYOUT##_##T##_m5, nm_##LAYOUT##_##T##_m6, nm_##LAYOUT##_##T##_m7,            \
      nm_##LAYOUT##_##T##_m8}
-static const body_fn nm_bodies[3][2][7] = {
+static const body_fn nm_bodies[2][2][7] = {
     {NM_TABLE(flat, f32), NM_TABLE(flat, f64)},
-    {NM_TABLE(taps, f32), NM_TABLE(taps, f64)},
     {NM_TABLE(strided, f32), NM_TABLE(strided, f64)},
 };
 
@@ -166,9 +148,7 @@ int spre_nm_mask(const void *w, int is_double, uint8_t *out, int64_t o, int64_t 
     /* [O, taps, C] contiguous in both (a single tap counts as any layout) */
     int flat = ws[1] == 1 && os[1] == 1 && (taps == 1 || (ws[2] == c && os[2] == c)) &&
                ws[0] == taps * c && os[0] == taps * c;
-    int tap_major = !flat && ws[2] == 1 && os[2] == 1 && ws[1] == taps && os[1] == taps &&
-                    ws[0] == c * taps && os[0] == c * taps;
-    int layout = flat ? 0 : (tap_major ? 1 : 2);
+    int layout = flat ? 0 : 1;
     int64_t work = flat ? o * taps * (c / m) : o * (c / m);
     int parts = clamp_threads(threads);
     if (work * m * (flat ? 1 : taps) < SERIAL_BELOW) parts = 1;
