@@ -162,15 +162,14 @@ class _NMMixin:
         self.register_buffer("nm_mask", nm_mask(self.weight, n, m))
         self._mask_version = self.weight._version
 
-    @torch.no_grad()
     def update_masks(self) -> None:
         """Recompute the masks from the dense latent weight."""
         self._compute_masks()
         self._mask_version = self.weight._version
 
+    @torch.no_grad()
     def _compute_masks(self) -> None:
-        with torch.no_grad():
-            nm_mask(self.weight, *self.nm, out=self.nm_mask)
+        nm_mask(self.weight, *self.nm, out=self.nm_mask)
 
     def _follow_weight(self) -> None:
         if not self.training or self.frozen:
@@ -285,10 +284,10 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
         new._init_nm(n, m, decay)
         return new
 
+    @torch.no_grad()
     def _compute_masks(self) -> None:
         super()._compute_masks()
-        with torch.no_grad():
-            self.spatial_mask.copy_(spatial_mask(self.weight, 1.0 - self.nm[0] / self.nm[1]))
+        self.spatial_mask.copy_(spatial_mask(self.weight, 1.0 - self.nm[0] / self.nm[1]))
 
     def _rep_mask(self) -> Tensor:
         """M_nm ⊙ S in the branch weight's dtype (bools read as uint8: faster on CPU)."""
