@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,13 +12,8 @@ from torch import nn
 
 import spre_fx
 
+from ._dist import end_worker, free_port
 from .nets import Block
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, steps: int, result_dir: str) -> None:
@@ -44,14 +38,14 @@ def _worker(rank: int, world: int, port: int, steps: int, result_dir: str) -> No
         dist.all_gather(gathered, flat)
         agree.append(all(torch.equal(gathered[0], t) for t in gathered))
     torch.save({"agree": agree, "step": sched.step}, os.path.join(result_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_worker()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available in this build")
 def test_ddp_masks_identical_on_every_rank(tmp_path):
     world, steps = 2, 4
-    mp.start_processes(_worker, args=(world, _free_port(), steps, str(tmp_path)), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), steps, str(tmp_path)), nprocs=world,
                        join=True, start_method="spawn")
     for rank in range(world):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -29,6 +29,8 @@ from spre_fx.masks import is_nm  # noqa: E402
 from spre_fx.modules import SpReBatchNorm2d  # noqa: E402
 from spre_fx.prepare import plan_of  # noqa: E402
 
+from ._dist import end_worker, free_port  # noqa: E402
+
 pytestmark = pytest.mark.mmdet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,14 +322,6 @@ def test_from_dense_checkpoint_starts_as_its_nm_projection(coco, tmp_path):
 
 
 # --------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, data: str, work_dir: str) -> None:
     import torch.distributed as dist
 
@@ -354,7 +348,7 @@ def _ddp_worker(rank: int, world: int, port: int, data: str, work_dir: str) -> N
     torch.save(dict(agree=agree, iter=runner.iter, wrapper=type(runner.model).__name__,
                     step=int(runner.message_hub.get_scalar("train/spre/mask_step").current())),
                os.path.join(work_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_worker()
 
 
 def test_ddp_two_cpu_processes(coco, tmp_path):
@@ -367,7 +361,7 @@ def test_ddp_two_cpu_processes(coco, tmp_path):
         pytest.skip("torch.distributed with gloo is not available in this build")
     work_dir = tmp_path / "work"
     work_dir.mkdir()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(coco), str(work_dir)), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(coco), str(work_dir)), nprocs=2,
                        join=True, start_method="spawn")
     for rank in range(2):
         res = torch.load(work_dir / f"rank{rank}.pt")
