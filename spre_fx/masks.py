@@ -133,19 +133,20 @@ def _kth_smallest(a: Tensor, k: int) -> Tensor:
     return flat[bucket == b].kthvalue(k - before).values
 
 
-def _check_rate(rate: float) -> None:
+def _pruned_count(rate: float, numel: int) -> int:
+    """How many weights layer-wise pruning at `rate` drops (validating the rate)."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"pruning rate must be in [0, 1), found {rate}")
+    return int(round(rate * numel))
 
 
 def magnitude_mask(weight: Tensor, rate: float) -> Tensor:
     """Layer-wise unstructured magnitude pruning: drop the `rate` fraction of smallest |w|."""
-    _check_rate(rate)
+    k = _pruned_count(rate, weight.numel())
     with torch.no_grad():
         a = weight.detach().abs()
         if a.dtype not in (torch.float32, torch.float64):
             a = a.float()  # kthvalue has no half-precision CPU kernel; float32 holds them exactly
-        k = int(round(rate * a.numel()))
         if k == 0:
             return torch.ones_like(a, dtype=torch.bool)
         return a > _kth_smallest(a, k)
@@ -171,10 +172,9 @@ def spatial_mask(weight: Tensor, rate: float) -> Tensor:
     S[h, w] = s_U(h, w) < rate, with s_U the spatial sparsity of layer-wise magnitude
     pruning of the dense latent weight (SPRE.md §3).
     """
-    _check_rate(rate)
+    k = _pruned_count(rate, weight.numel())
     if weight.dim() < 3:
         raise ValueError(f"expected a conv weight [O, C, *kernel], found shape {tuple(weight.shape)}")
-    k = int(round(rate * weight.numel()))
     kept = _native.spatial_kept(weight.detach(), k) if k else None
     if kept is None:
         return spatial_sparsity(magnitude_mask(weight, rate)) < rate

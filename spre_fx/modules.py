@@ -287,7 +287,11 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
     @torch.no_grad()
     def _compute_masks(self) -> None:
         super()._compute_masks()
-        self.spatial_mask.copy_(spatial_mask(self.weight, 1.0 - self.nm[0] / self.nm[1]))
+        self.spatial_mask.copy_(self.spatial_from_weight())
+
+    def spatial_from_weight(self) -> Tensor:
+        """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (SPRE.md §3)."""
+        return spatial_mask(self.weight, 1.0 - self.nm[0] / self.nm[1])
 
     def _rep_mask(self) -> Tensor:
         """M_nm ⊙ S in the branch weight's dtype (bools read as uint8: faster on CPU)."""

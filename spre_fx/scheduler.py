@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masks import nm_mask, spatial_mask
+from .masks import nm_mask
 from .modules import SpReConv2d, _NMMixin
 
 __all__ = ["MaskSchedule", "MaskScheduler"]
@@ -131,7 +131,7 @@ class MaskScheduler:
                     flips += int((old != m.nm_mask).sum())
                     total += old.numel()
             if move_spatial and isinstance(m, SpReConv2d):
-                new_s = spatial_mask(m.weight, 1.0 - n / mm)
+                new_s = m.spatial_from_weight()
                 if track:
                     spatial_changes += int((new_s != m.spatial_mask).sum())
                 m.spatial_mask.copy_(new_s)
