@@ -10,10 +10,12 @@ lacks: a conv or BN module called from more than one place is never paired).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,14 +179,66 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]]) -> _Flow:
     return flow
 
 
+_CONTAINERS = (list, dict, set)
+
+
+@contextmanager
+def _attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Undo every attribute write of a block on `model`'s modules (and in-place changes to the
+    lists, dicts and sets they hold): fx runs forwards with Proxies, and a module that caches on
+    its first call (torchvision's MultiScaleRoIAlign: `scales`, `map_levels`) would keep them.
+    Shallow: no tensor is copied."""
+    saved = []
+    for mod in model.modules():
+        attrs = vars(mod)
+        contents = [(v, copy.copy(v)) for v in attrs.values() if type(v) in _CONTAINERS]
+        saved.append((attrs, dict(attrs), contents))
+    try:
+        yield
+    finally:
+        for attrs, before, contents in saved:
+            for key in [k for k in attrs if k not in before]:
+                del attrs[key]
+            attrs.update(before)
+            for container, items in contents:
+                if isinstance(container, list):
+                    container[:] = items
+                else:
+                    container.clear()
+                    container.update(items)
+
+
+def _proxy_in(obj: Any, seen: set[int]) -> bool:
+    if isinstance(obj, fx.Proxy):
+        return True
+    if id(obj) in seen or not isinstance(obj, (list, tuple, dict, set, frozenset)):
+        return False
+    seen.add(id(obj))
+    return any(_proxy_in(v, seen) for v in (obj.values() if isinstance(obj, dict) else obj))
+
+
+def _check_no_proxies(model: nn.Module) -> None:
+    """Raise if tracing left an fx Proxy anywhere a forward would find it."""
+    seen: set[int] = set()
+    for name, mod in model.named_modules():
+        for key, value in vars(mod).items():
+            if key not in ("_parameters", "_buffers", "_modules") and _proxy_in(value, seen):
+                raise RuntimeError(
+                    f"tracing left an fx Proxy in '{_join(name, key)}' ({type(mod).__qualname__}), "
+                    "which its next forward would use: register the module with "
+                    "spre_fx.register_leaf_module so fx does not run its forward"
+                )
+
+
 def _flows(model: nn.Module, concrete_args, failures) -> list[_Flow]:
-    """One `_Flow` per mode (training, eval); the model's modes are restored afterwards."""
+    """One `_Flow` per mode (training, eval); the model's modes and attributes are restored."""
     flows = []
-    with modes_restored(model):
+    with _attributes_restored(model), modes_restored(model):
         for training in (True, False):
             model.train(training)
             graphs = list(_trace_graphs(model, "", concrete_args, failures if training else []))
             flows.append(_read_flow(model, graphs))
+    _check_no_proxies(model)
     return flows
 
 
