@@ -85,6 +85,8 @@ class _Flow:
     first_conv: str | None = None
     # conv name -> (BN name, None) for a candidate pair, or (None, reason) when there is none
     follows: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    # module -> another name of it, outside every traced graph: calls through it are not counted
+    unseen_alias: dict[str, str] = field(default_factory=dict)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -138,30 +140,41 @@ def _describe(node: fx.Node, prefix: str) -> str:
     return f"'{node.op}'"
 
 
-def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]]) -> _Flow:
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name a module is registered under -> its first name (the one `named_modules` keeps)."""
+    first: dict[int, str] = {}
+    names = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names[name] = first.setdefault(id(mod), name)
+    return names
+
+
+def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]], canonical: dict[str, str]) -> _Flow:
+    """Calls, reads and conv→BN candidates, per module object (every alias counts as its first name)."""
     flow = _Flow()
     modules = dict(model.named_modules())
     for prefix, graph in graphs:
         for node in graph.nodes:
             if node.op == "get_attr":
                 owner = _join(prefix, node.target).rpartition(".")[0]
-                flow.attr_reads[owner] += 1
+                flow.attr_reads[canonical.get(owner, owner)] += 1
             if node.op != "call_module":
                 continue
-            name = _join(prefix, node.target)
+            name = canonical[_join(prefix, node.target)]
             flow.calls[name] += 1
-            mod = modules.get(name)
+            mod = modules[name]
             if not _is_layer(mod) and not isinstance(mod, _BatchNorm):
-                for sub, _ in mod.named_modules(prefix=name):  # fx does not see how it uses them
+                # fx does not see how it uses them
+                for sub, _ in mod.named_modules(prefix=name, remove_duplicate=False):
                     if sub != name:
-                        flow.inside.setdefault(sub, name)
+                        flow.inside.setdefault(canonical[sub], name)
             if not isinstance(mod, _ConvNd):
                 continue
             if not prefix:  # only a trace of the whole model knows which conv runs first
                 flow.first_conv = flow.first_conv or name
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module":
-                bn_name = _join(prefix, users[0].target)
+                bn_name = canonical[_join(prefix, users[0].target)]
                 if isinstance(modules.get(bn_name), _BatchNorm):
                     if users[0].args == (node,) and not users[0].kwargs:
                         flow.follows[name] = (bn_name, None)
@@ -230,14 +243,29 @@ def _check_no_proxies(model: nn.Module) -> None:
                 )
 
 
+def _unseen_aliases(canonical: dict[str, str], prefixes: list[str]) -> dict[str, str]:
+    """Modules known by several names, one of which no traced graph covers."""
+    counts = Counter(canonical.values())
+    traced = tuple(prefixes)
+    return {
+        first: alias
+        for alias, first in canonical.items()
+        if counts[first] > 1
+        and not any(not p or alias == p or alias.startswith(p + ".") for p in traced)
+    }
+
+
 def _flows(model: nn.Module, concrete_args, failures) -> list[_Flow]:
     """One `_Flow` per mode (training, eval); the model's modes and attributes are restored."""
     flows = []
+    canonical = _canonical_names(model)
     with _attributes_restored(model), modes_restored(model):
         for training in (True, False):
             model.train(training)
             graphs = list(_trace_graphs(model, "", concrete_args, failures if training else []))
-            flows.append(_read_flow(model, graphs))
+            flow = _read_flow(model, graphs, canonical)
+            flow.unseen_alias = _unseen_aliases(canonical, [p for p, _ in graphs])
+            flows.append(flow)
     _check_no_proxies(model)
     return flows
 
@@ -256,6 +284,12 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
             return None, why
         if flow.calls[cand] > 1:
             return None, f"its BatchNorm '{cand}' is called from {flow.calls[cand]} places"
+        for mod in (conv, cand):
+            if mod in flow.unseen_alias:
+                return None, (f"'{mod}' is also registered as '{flow.unseen_alias[mod]}', "
+                              "where fx does not see how it is called")
+            if mod in flow.inside:
+                return None, f"'{mod}' is also used inside '{flow.inside[mod]}', which fx does not enter"
         if flow.attr_reads[conv] or flow.attr_reads[cand]:
             return None, "its parameters are read directly elsewhere in the forward"
         if bn is not None and cand != bn:
@@ -333,24 +367,18 @@ def _hidden_use(name: str, flows: list[_Flow]) -> str:
     return ""
 
 
-def _shared_weights(model: nn.Module) -> set[str]:
-    owners: dict[int, set[str]] = defaultdict(set)
+def _tied_weights(model: nn.Module) -> set[str]:
+    """Names of the modules holding a parameter that another module object holds too.
+
+    One module object under several names (mmdet's `share_conv`) is not tied: its own forward,
+    where the mask lives, computes every use of its weight.
+    """
+    owners: dict[int, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
-            owners[id(p)].add(mod_name)
-    shared = set()
-    for names in owners.values():
-        if len(names) > 1:
-            shared |= names
-    return shared
-
-
-def _aliased_modules(model: nn.Module) -> set[str]:
-    """Names of modules registered under more than one name (treated as shared)."""
-    seen: dict[int, list[str]] = defaultdict(list)
-    for name, mod in model.named_modules(remove_duplicate=False):
-        seen[id(mod)].append(name)
-    return {n for names in seen.values() if len(names) > 1 for n in names}
+            owners[id(p)][id(mod)].append(mod_name)
+    return {n for by_module in owners.values() if len(by_module) > 1 for names in by_module.values()
+            for n in names}
 
 
 def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any] | None = None) -> Plan:
@@ -359,7 +387,7 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
     flows = _flows(model, concrete_args, failures)
     modules = dict(model.named_modules())
     stem = flows[0].first_conv or next((n for n, m in modules.items() if isinstance(m, _ConvNd)), None)
-    shared = _shared_weights(model) | _aliased_modules(model)
+    shared = _tied_weights(model)
     layers = []
     for name, m in modules.items():
         if not _is_layer(m):
@@ -369,7 +397,7 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
         blocker = _nm_blocker(name, m, config, stem, shared) or _hidden_use(name, flows)
         bn, no_pair = (None, "") if kind == "linear" or name in shared else _pair(name, flows, modules)
         if kind == "conv" and name in shared:
-            no_pair = "module or weight shared under several names"
+            no_pair = "its weight is shared with another module"
         if blocker and isinstance(m, _CONVS) and type(m).forward not in _STOCK_FORWARD:
             bn = None  # an unknown forward: folding a BN into its `weight` would be wrong too
         k_by_k = isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1

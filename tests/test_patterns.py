@@ -337,3 +337,124 @@ def test_mmcv_conv_module_pairs():
     layers = plan(model)
     assert layers["1.conv"].treatment == "spre" and layers["1.conv"].norm == "1.bn"
     roundtrip(model, tiny_input())
+
+
+class ConvAct(nn.Module):
+    """ultralytics' `Conv`: every instance registers the one class-level activation module."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = self.default_act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class LoopsOverLayers(nn.Module):
+    """A parent fx cannot trace (ultralytics' DetectionModel loops with data-dependent routing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.ModuleList([ConvAct(3, 8), ConvAct(8, 8), ConvAct(8, 8)])
+
+    def forward(self, x):
+        for m in self.model:
+            x = m(x) if x.sum() > -1e9 else x
+        return x
+
+
+def test_one_module_under_several_names_in_an_untraced_parent():
+    torch.manual_seed(0)
+    layers = plan(LoopsOverLayers())
+    assert layers["model.1.conv"].treatment == "spre" and layers["model.2.conv"].norm == "model.2.bn"
+    roundtrip(LoopsOverLayers(), tiny_input())
+
+
+class SharedConvLevels(nn.Module):
+    """mmdet RTMDet `share_conv=True`: one conv module object per level, a BatchNorm per level."""
+
+    def __init__(self, levels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(levels)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(8) for _ in range(levels)])
+        for i in range(1, levels):
+            self.convs[i] = self.convs[0]
+
+    def forward(self, x):
+        x = self.stem(x)
+        feats = [x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4)]
+        return sum(bn(conv(f)).mean() for f, conv, bn in zip(feats, self.convs, self.bns))
+
+
+def test_conv_shared_across_levels_gets_nm_without_a_pair():
+    torch.manual_seed(0)
+    layers = plan(SharedConvLevels())
+    assert "convs.1" not in layers  # one module object, planned once
+    lp = layers["convs.0"]
+    assert lp.treatment == "nm" and lp.norm is None and "called from 3 places" in lp.reason
+    x = tiny_input()
+    p = spre_fx.prepare(SharedConvLevels())
+    assert p.convs[1] is p.convs[0] and isinstance(p.convs[2], spre_fx.modules.NMConv2d)
+    train_steps(p, x)
+    p.eval()
+    c = spre_fx.convert(p)
+    assert c.convs[2] is c.convs[0]
+    result = spre_fx.verify(p, c, x)
+    assert len(result.call_errors["convs.0"]) == 3  # every level compared
+    assert spre_fx.report(c).layers[1].nm_coverage == 1.0
+
+
+def test_an_alias_called_once_pairs_but_not_one_fx_cannot_see():
+    class AliasOnly(nn.Module):
+        """The block is also registered as `alias` but the forward calls it once."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = conv_bn(8, 8)
+            self.alias = self.block
+
+        def forward(self, x):
+            return self.block(self.stem(x))
+
+    class CallsItsChild(nn.Module):
+        """Untraceable, calls its direct child `conv`, which another traced block calls too."""
+
+        def __init__(self, conv: nn.Module) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > -1e9 else x
+
+    class HiddenSecondCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = conv_bn(8, 8)
+            self.odd = CallsItsChild(self.block[0])
+
+        def forward(self, x):
+            return self.odd(self.block(self.stem(x))) if x.sum() > -1e9 else x
+
+    torch.manual_seed(0)
+    assert plan(AliasOnly())["block.0"].treatment == "spre"
+    roundtrip(AliasOnly(), tiny_input())
+    lp = plan(HiddenSecondCall())["block.0"]
+    assert lp.norm is None and "also registered as 'odd.conv'" in lp.reason
+    roundtrip(HiddenSecondCall(), tiny_input())
+
+
+def test_tied_weights_of_two_modules_stay_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4))
+    model[2].weight = model[0].weight
+    layers = plan(model)
+    for name in ("0", "2"):
+        assert layers[name].treatment == "dense" and "tied weights" in layers[name].reason
+    assert layers["3"].treatment == "nm"
