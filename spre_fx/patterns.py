@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +94,15 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def class_name(cls: type) -> str:
+    """The shortest public path of a class: `timm.layers.Linear`, `torch.nn.Conv2d`."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts)):
+        if getattr(sys.modules.get(".".join(parts[:i])), cls.__qualname__, None) is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, (_ConvNd, nn.Linear))
 
@@ -140,6 +150,22 @@ def _describe(node: fx.Node, prefix: str) -> str:
     return f"'{node.op}'"
 
 
+# Tensor metadata: reading it (`self.proj.weight.dtype`, timm's XCiT) does not use the values.
+_METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda", "requires_grad"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel"})
+
+
+def _reads_values(node: fx.Node) -> bool:
+    """Whether a get_attr node's tensor is used for more than its dtype, device or shape."""
+    for user in node.users:
+        if user.op == "call_function" and user.target is getattr and user.args[1] in _METADATA_ATTRS:
+            continue
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            continue
+        return True
+    return False
+
+
 def _canonical_names(model: nn.Module) -> dict[str, str]:
     """Every name a module is registered under -> its first name (the one `named_modules` keeps)."""
     first: dict[int, str] = {}
@@ -155,7 +181,7 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]], canonical: 
     modules = dict(model.named_modules())
     for prefix, graph in graphs:
         for node in graph.nodes:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and _reads_values(node):
                 owner = _join(prefix, node.target).rpartition(".")[0]
                 flow.attr_reads[canonical.get(owner, owner)] += 1
             if node.op != "call_module":
@@ -302,15 +328,15 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
     norm, layer = modules[bn], modules[conv]
     if norm_spec(norm) is None:
         return None, (
-            f"{type(norm).__qualname__} '{bn}' overrides forward; declare how it splits with "
+            f"{class_name(type(norm))} '{bn}' overrides forward; declare how it splits with "
             "spre_fx.register_norm"
         )
     if not isinstance(layer, _CONVS):
-        return None, f"{type(layer).__name__} is not folded"
+        return None, f"{class_name(type(layer))} is not folded"
     base = next(c for c in _CONVS if isinstance(layer, c))
     other_dims = [n for c, n in _NORM_FOR_CONV.items() if c is not base]
     if isinstance(norm, tuple(other_dims)):  # dimension-agnostic norms (SyncBN, _BatchNormXd) pass
-        return None, f"'{bn}' ({type(norm).__name__}) does not match a {base.__name__}"
+        return None, f"'{bn}' ({class_name(type(norm))}) does not match a {base.__name__}"
     if norm.num_features != layer.out_channels:
         return None, f"'{bn}' has {norm.num_features} features, the conv {layer.out_channels} outputs"
     if norm.running_mean is None:
@@ -321,10 +347,10 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
 def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, shared: set[str]) -> str:
     """Why `m` cannot be N:M ('' when it can)."""
     if not isinstance(m, (*_CONVS, nn.Linear)):
-        return f"{type(m).__name__}: only Conv1d/2d/3d and Linear are made N:M"
+        return f"{class_name(type(m))}: only Conv1d/2d/3d and Linear are made N:M"
     if type(m).forward not in _STOCK_FORWARD:
         return (
-            f"{type(m).__qualname__} overrides forward, so its effective weight may differ from "
+            f"{class_name(type(m))} overrides forward, so its effective weight may differ from "
             "`weight` (weight standardisation, dynamic padding): left dense"
         )
     if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
@@ -400,7 +426,8 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
             no_pair = "its weight is shared with another module"
         if blocker and isinstance(m, _CONVS) and type(m).forward not in _STOCK_FORWARD:
             bn = None  # an unknown forward: folding a BN into its `weight` would be wrong too
-        k_by_k = isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1
+        spatial = kind == "conv" and max(m.kernel_size) > 1
+        k_by_k = spatial and isinstance(m, nn.Conv2d)
         if blocker:
             treatment, reason = DENSE, blocker
         elif kind == "linear":
@@ -409,6 +436,12 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
             treatment, reason = SPRE, f"k×k conv followed by BatchNorm '{bn}'"
         elif bn is not None and k_by_k:
             treatment, reason = NM, "spre=False: plain N:M (SR-STE)"
+        elif bn is not None and spatial:
+            conv = next(c for c in _CONVS if isinstance(m, c)).__name__
+            treatment, reason = NM, (
+                f"{'x'.join(map(str, m.kernel_size))} {conv} followed by BatchNorm '{bn}': plain N:M, "
+                "SpRe branches are Conv2d-only (the BatchNorm is folded at convert)"
+            )
         elif bn is not None:
             treatment, reason = NM, f"{'x'.join(map(str, m.kernel_size))} conv: plain N:M (SPRE.md §3)"
         elif k_by_k and config.spre:

@@ -202,7 +202,9 @@ def test_conv_subclass_with_own_forward_left_dense():
         PlainSub(8, 8, 3, padding=1), nn.BatchNorm2d(8),
     )
     layers = plan(model)
-    assert layers["1"].treatment == "dense" and "overrides forward" in layers["1"].reason
+    assert layers["1"].treatment == "dense"
+    assert layers["1"].reason.startswith("tests.test_patterns.test_conv_subclass_with_own_forward_left_dense"
+                                         ".<locals>.StdConv overrides forward")
     assert layers["1"].norm is None  # folding into a standardised weight would be wrong
     assert layers["3"].treatment == "spre"
     roundtrip(model, tiny_input())
@@ -248,7 +250,14 @@ def test_conv1d_and_conv3d_get_nm_and_fold():
     assert layers["1"].treatment == "nm" and layers["1"].norm == "2"
     roundtrip(m1, torch.randn(2, 3, 16))
     m3 = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Conv3d(8, 8, 3), nn.BatchNorm3d(8))
+    lp = plan(m3)["1"]
+    assert lp.treatment == "nm" and lp.norm == "2"
+    assert lp.reason == ("3x3x3 Conv3d followed by BatchNorm '2': plain N:M, SpRe branches are Conv2d-only "
+                         "(the BatchNorm is folded at convert)")  # not the 1x1 reason
+    assert plan(m1)["1"].reason.startswith("3 Conv1d followed by BatchNorm '2'")
     roundtrip(m3, torch.randn(2, 3, 8, 8, 8))
+    pointwise = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8))
+    assert plan(pointwise)["1"].reason == "1x1x1 conv: plain N:M (SPRE.md §3)"
 
 
 class OptionalNorm(nn.Module):
@@ -458,3 +467,46 @@ def test_tied_weights_of_two_modules_stay_dense():
     for name in ("0", "2"):
         assert layers[name].treatment == "dense" and "tied weights" in layers[name].reason
     assert layers["3"].treatment == "nm"
+
+
+def test_reading_only_a_weights_dtype_or_device_is_no_direct_read():
+    """timm's XCiT builds its positional encoding with `self.token_projection.weight.dtype`."""
+
+    class PositionalEncoding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            w = self.proj.weight
+            grid = torch.arange(x.shape[-1], dtype=w.dtype, device=w.device) / w.shape[1]
+            grid = grid * self.fc.weight.size(0) / self.fc.weight.dim()
+            y = self.bn(self.proj(x + grid))
+            return self.fc(y.mean((2, 3)))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PositionalEncoding())
+    torch.manual_seed(0)
+    layers = plan(model)
+    assert layers["1.proj"].treatment == "spre" and layers["1.fc"].treatment == "nm"
+    roundtrip(model, tiny_input())
+
+
+def test_timm_xcit_positional_encoding_is_nm():
+    timm = pytest.importorskip("timm", reason="timm not installed")
+    torch.manual_seed(0)
+    model = timm.create_model("xcit_nano_12_p16_224", num_classes=10, img_size=64)
+    assert plan(model)["pos_embed.token_projection"].treatment == "nm"
+
+
+def test_reasons_name_classes_by_their_public_path():
+    timm = pytest.importorskip("timm", reason="timm not installed")
+    reason = plan(nn.Sequential(timm.layers.Linear(8, 8)))["0"].reason
+    assert reason.startswith("timm.layers.Linear overrides forward")
+    layers = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 3)))
+    assert layers["1"].reason == "torch.nn.ConvTranspose2d: only Conv1d/2d/3d and Linear are made N:M"
+    from spre_fx.patterns import class_name
+
+    assert class_name(nn.Conv2d) == "torch.nn.Conv2d"
+    assert class_name(timm.layers.Linear) == "timm.layers.Linear"
