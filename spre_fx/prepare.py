@@ -69,7 +69,7 @@ def _with_history(obj: Any, found: dict[int, torch.Tensor], seen: set[int]) -> N
         if obj.grad_fn is not None:
             found[id(obj)] = obj
         return
-    if id(obj) in seen or isinstance(obj, (nn.Module, type, str, bytes, int, float, bool)) or obj is None:
+    if id(obj) in seen or isinstance(obj, (type, str, bytes, int, float, bool)) or obj is None:
         return
     seen.add(id(obj))
     if isinstance(obj, dict):
