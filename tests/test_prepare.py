@@ -226,8 +226,16 @@ def _proxies(model: nn.Module) -> list[str]:
 def test_tracing_leaves_no_mark_on_the_model(inplace):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), CachesOnFirstCall())
+    before = {id(m): {k: v for k, v in vars(m).items() if k != "_modules"} for m in model.modules()}
     p = spre_fx.prepare(model, inplace=inplace)
     assert _proxies(p) == []
+    if inplace:  # every module that was not swapped holds exactly what it held before
+        kept = [m for m in p.modules() if id(m) in before]
+        assert len(kept) == 3  # the Sequential, the stem conv (dense) and the cache module
+        for m in kept:
+            after = {k: v for k, v in vars(m).items() if k not in ("_modules", "_spre_fx_plan")}
+            assert after.keys() == before[id(m)].keys()
+            assert all(after[k] is v or after[k] == v for k, v in before[id(m)].items())
     cache = p[1]
     assert cache.size is None and cache.seen == [] and cache.by_key == {}
     assert spre_fx.report(p).layers[1].treatment == "spre"  # the trace saw the pair all the same
