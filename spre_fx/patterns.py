@@ -263,7 +263,7 @@ def _check_no_proxies(model: nn.Module) -> None:
         for key, value in vars(mod).items():
             if key not in ("_parameters", "_buffers", "_modules") and _proxy_in(value, seen):
                 raise RuntimeError(
-                    f"tracing left an fx Proxy in '{_join(name, key)}' ({type(mod).__qualname__}), "
+                    f"tracing left an fx Proxy in '{_join(name, key)}' ({class_name(type(mod))}), "
                     "which its next forward would use: register the module with "
                     "spre_fx.register_leaf_module so fx does not run its forward"
                 )

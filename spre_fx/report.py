@@ -235,6 +235,12 @@ def _run(model: nn.Module, names: list[str], args: tuple, kwargs: dict, on_call)
             h.remove()
 
 
+def _error_text(error: float, tol: float) -> str:
+    if error == float("inf"):
+        return "NaN or inf values (relative error inf)"
+    return f"relative error {error:.3g} > {tol:g}"
+
+
 def _call_label(name: str, i: int, count: int) -> str:
     return f"layer '{name}'" if count == 1 else f"layer '{name}' call {i + 1} of {count}"
 
@@ -306,9 +312,9 @@ def verify(
     result = VerifyResult(output_error, layer_errors, violations, tol, call_errors, tuple(mismatches))
     problems = list(mismatches)
     if not found and output_error > tol:
-        problems.append(f"output: relative error {output_error:.3g} > {tol:g}")
+        problems.append(f"output: {_error_text(output_error, tol)}")
     problems += [
-        f"{_call_label(k, i, counts[k])}: relative error {e:.3g} > {tol:g}"
+        f"{_call_label(k, i, counts[k])}: {_error_text(e, tol)}"
         for k, v in call_errors.items() for i, e in enumerate(v) if e > tol and (k, i) not in mismatched
     ]
     problems += [f"layer '{k}': {v} groups break {n}:{m}" for k, v in violations.items() if v]
