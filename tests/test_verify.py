@@ -132,10 +132,10 @@ def test_torchvision_fcos_shared_head_verifies_every_level():
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
                                    returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256),
                                    norm_layer=nn.BatchNorm2d)
-    model = tv.models.detection.FCOS(backbone, num_classes=3, min_size=128, max_size=128)
+    model = tv.models.detection.FCOS(backbone, num_classes=3, min_size=96, max_size=96)
     p = spre_fx.prepare(model).eval()
     assert spre_fx.report(p).count("spre") > 0
-    images = [torch.rand(3, 128, 128), torch.rand(3, 112, 128)]
+    images = [torch.rand(3, 96, 96), torch.rand(3, 80, 96)]
     result = spre_fx.verify(p, spre_fx.convert(p), (images,))
     assert result.output_error <= 1e-5
     assert len(result.call_errors["head.classification_head.cls_logits"]) == 5
