@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["flat_tensors", "relative_error", "modes_restored"]
+__all__ = ["flat_tensors", "mismatch", "relative_error", "modes_restored"]
 
 
 def flat_tensors(obj: Any) -> Iterator[Tensor]:
@@ -25,6 +25,48 @@ def flat_tensors(obj: Any) -> Iterator[Tensor]:
     elif hasattr(obj, "__dict__"):
         for v in vars(obj).values():
             yield from flat_tensors(v)
+
+
+def mismatch(reference: Any, other: Any, path: str = "") -> str:
+    """Where and how two nested outputs differ other than in float values ('' when they do not).
+
+    Walks both in step: container types, lengths and keys, tensor shapes and dtypes, and the
+    values of non-float tensors (labels, indices), e.g. "[0]['boxes']: shape (12, 4) vs (11, 4)".
+    """
+    where = path or "value"
+    if isinstance(reference, Tensor) or isinstance(other, Tensor):
+        if not (isinstance(reference, Tensor) and isinstance(other, Tensor)):
+            return f"{where}: {type(reference).__name__} vs {type(other).__name__}"
+        if reference.shape != other.shape:
+            return f"{where}: shape {tuple(reference.shape)} vs {tuple(other.shape)}"
+        if reference.dtype != other.dtype:
+            return f"{where}: dtype {reference.dtype} vs {other.dtype}"
+        if not reference.is_floating_point() and not torch.equal(reference, other.to(reference.device)):
+            return f"{where}: {reference.dtype} values differ"
+        return ""
+    if isinstance(reference, Mapping) and isinstance(other, Mapping):
+        if list(reference) != list(other):
+            return f"{where}: keys {list(reference)} vs {list(other)}"
+        pairs = [(f"{path}[{k!r}]", reference[k], other[k]) for k in reference]
+    elif isinstance(reference, (list, tuple)) and isinstance(other, (list, tuple)):
+        if type(reference) is not type(other) or len(reference) != len(other):
+            return (f"{where}: {type(reference).__name__} of {len(reference)} vs "
+                    f"{type(other).__name__} of {len(other)}")
+        pairs = [(f"{path}[{i}]", a, b) for i, (a, b) in enumerate(zip(reference, other))]
+    elif type(reference) is not type(other):
+        return f"{where}: {type(reference).__name__} vs {type(other).__name__}"
+    elif hasattr(reference, "__dict__") and not isinstance(reference, type):
+        ra, rb = vars(reference), vars(other)
+        if list(ra) != list(rb):
+            return f"{where}: attributes {list(ra)} vs {list(rb)}"
+        pairs = [(f"{path}.{k}", ra[k], rb[k]) for k in ra]
+    else:
+        return ""  # plain values (numbers, strings, None) hold no tensors to compare
+    for sub, a, b in pairs:
+        found = mismatch(a, b, sub)
+        if found:
+            return found
+    return ""
 
 
 def relative_error(reference: Any, other: Any) -> float:

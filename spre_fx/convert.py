@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 from torch import nn
@@ -10,13 +9,14 @@ from torch import nn
 from .export import apply_backend, check_backend
 from .modules import deploy_layer
 from .patterns import DENSE
-from .prepare import attach_plan, module_aliases, plan_of, set_module
+from .prepare import attach_plan, model_copy, module_aliases, plan_of, set_module
 
 __all__ = ["convert"]
 
 
 def _copy_except(model: nn.Module, replaced: list[str]) -> nn.Module:
-    """A deep copy of `model` that shares, instead of copying, the tensors of `replaced` modules.
+    """A deep copy of `model` that shares, instead of copying, the tensors of `replaced` modules
+    (and holds detached copies of tensors a training forward left in attributes).
 
     `convert` builds new parameters for every one of those modules, so the copy never holds
     the shared tensors once it is returned, and the input model is never written to.
@@ -26,7 +26,7 @@ def _copy_except(model: nn.Module, replaced: list[str]) -> nn.Module:
     for name in replaced:
         for t in (*modules[name].parameters(recurse=False), *modules[name].buffers(recurse=False)):
             memo[id(t)] = t
-    return copy.deepcopy(model, memo)
+    return model_copy(model, memo)
 
 
 def convert(model: nn.Module, *, inplace: bool = False, backend: str = "dense") -> nn.Module:

@@ -10,10 +10,13 @@ lacks: a conv or BN module called from more than one place is never paired).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,10 +86,21 @@ class _Flow:
     first_conv: str | None = None
     # conv name -> (BN name, None) for a candidate pair, or (None, reason) when there is none
     follows: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    # module -> another name of it, outside every traced graph: calls through it are not counted
+    unseen_alias: dict[str, str] = field(default_factory=dict)
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def class_name(cls: type) -> str:
+    """The shortest public path of a class: `timm.layers.Linear`, `torch.nn.Conv2d`."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts)):
+        if getattr(sys.modules.get(".".join(parts[:i])), cls.__qualname__, None) is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _is_layer(m: nn.Module) -> bool:
@@ -136,30 +150,57 @@ def _describe(node: fx.Node, prefix: str) -> str:
     return f"'{node.op}'"
 
 
-def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]]) -> _Flow:
+# Tensor metadata: reading it (`self.proj.weight.dtype`, timm's XCiT) does not use the values.
+_METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda", "requires_grad"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel"})
+
+
+def _reads_values(node: fx.Node) -> bool:
+    """Whether a get_attr node's tensor is used for more than its dtype, device or shape."""
+    for user in node.users:
+        if user.op == "call_function" and user.target is getattr and user.args[1] in _METADATA_ATTRS:
+            continue
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            continue
+        return True
+    return False
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name a module is registered under -> its first name (the one `named_modules` keeps)."""
+    first: dict[int, str] = {}
+    names = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names[name] = first.setdefault(id(mod), name)
+    return names
+
+
+def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]], canonical: dict[str, str]) -> _Flow:
+    """Calls, reads and conv→BN candidates, per module object (every alias counts as its first name)."""
     flow = _Flow()
     modules = dict(model.named_modules())
     for prefix, graph in graphs:
         for node in graph.nodes:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and _reads_values(node):
                 owner = _join(prefix, node.target).rpartition(".")[0]
-                flow.attr_reads[owner] += 1
+                flow.attr_reads[canonical.get(owner, owner)] += 1
             if node.op != "call_module":
                 continue
-            name = _join(prefix, node.target)
+            name = canonical[_join(prefix, node.target)]
             flow.calls[name] += 1
-            mod = modules.get(name)
+            mod = modules[name]
             if not _is_layer(mod) and not isinstance(mod, _BatchNorm):
-                for sub, _ in mod.named_modules(prefix=name):  # fx does not see how it uses them
+                # fx does not see how it uses them
+                for sub, _ in mod.named_modules(prefix=name, remove_duplicate=False):
                     if sub != name:
-                        flow.inside.setdefault(sub, name)
+                        flow.inside.setdefault(canonical[sub], name)
             if not isinstance(mod, _ConvNd):
                 continue
             if not prefix:  # only a trace of the whole model knows which conv runs first
                 flow.first_conv = flow.first_conv or name
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module":
-                bn_name = _join(prefix, users[0].target)
+                bn_name = canonical[_join(prefix, users[0].target)]
                 if isinstance(modules.get(bn_name), _BatchNorm):
                     if users[0].args == (node,) and not users[0].kwargs:
                         flow.follows[name] = (bn_name, None)
@@ -177,14 +218,81 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]]) -> _Flow:
     return flow
 
 
+_CONTAINERS = (list, dict, set)
+
+
+@contextmanager
+def _attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Undo every attribute write of a block on `model`'s modules (and in-place changes to the
+    lists, dicts and sets they hold): fx runs forwards with Proxies, and a module that caches on
+    its first call (torchvision's MultiScaleRoIAlign: `scales`, `map_levels`) would keep them.
+    Shallow: no tensor is copied."""
+    saved = []
+    for mod in model.modules():
+        attrs = vars(mod)
+        contents = [(v, copy.copy(v)) for v in attrs.values() if type(v) in _CONTAINERS]
+        saved.append((attrs, dict(attrs), contents))
+    try:
+        yield
+    finally:
+        for attrs, before, contents in saved:
+            for key in [k for k in attrs if k not in before]:
+                del attrs[key]
+            attrs.update(before)
+            for container, items in contents:
+                if isinstance(container, list):
+                    container[:] = items
+                else:
+                    container.clear()
+                    container.update(items)
+
+
+def _proxy_in(obj: Any, seen: set[int]) -> bool:
+    if isinstance(obj, fx.Proxy):
+        return True
+    if id(obj) in seen or not isinstance(obj, (list, tuple, dict, set, frozenset)):
+        return False
+    seen.add(id(obj))
+    return any(_proxy_in(v, seen) for v in (obj.values() if isinstance(obj, dict) else obj))
+
+
+def _check_no_proxies(model: nn.Module) -> None:
+    """Raise if tracing left an fx Proxy anywhere a forward would find it."""
+    seen: set[int] = set()
+    for name, mod in model.named_modules():
+        for key, value in vars(mod).items():
+            if key not in ("_parameters", "_buffers", "_modules") and _proxy_in(value, seen):
+                raise RuntimeError(
+                    f"tracing left an fx Proxy in '{_join(name, key)}' ({class_name(type(mod))}), "
+                    "which its next forward would use: register the module with "
+                    "spre_fx.register_leaf_module so fx does not run its forward"
+                )
+
+
+def _unseen_aliases(canonical: dict[str, str], prefixes: list[str]) -> dict[str, str]:
+    """Modules known by several names, one of which no traced graph covers."""
+    counts = Counter(canonical.values())
+    traced = tuple(prefixes)
+    return {
+        first: alias
+        for alias, first in canonical.items()
+        if counts[first] > 1
+        and not any(not p or alias == p or alias.startswith(p + ".") for p in traced)
+    }
+
+
 def _flows(model: nn.Module, concrete_args, failures) -> list[_Flow]:
-    """One `_Flow` per mode (training, eval); the model's modes are restored afterwards."""
+    """One `_Flow` per mode (training, eval); the model's modes and attributes are restored."""
     flows = []
-    with modes_restored(model):
+    canonical = _canonical_names(model)
+    with _attributes_restored(model), modes_restored(model):
         for training in (True, False):
             model.train(training)
             graphs = list(_trace_graphs(model, "", concrete_args, failures if training else []))
-            flows.append(_read_flow(model, graphs))
+            flow = _read_flow(model, graphs, canonical)
+            flow.unseen_alias = _unseen_aliases(canonical, [p for p, _ in graphs])
+            flows.append(flow)
+    _check_no_proxies(model)
     return flows
 
 
@@ -202,6 +310,12 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
             return None, why
         if flow.calls[cand] > 1:
             return None, f"its BatchNorm '{cand}' is called from {flow.calls[cand]} places"
+        for mod in (conv, cand):
+            if mod in flow.unseen_alias:
+                return None, (f"'{mod}' is also registered as '{flow.unseen_alias[mod]}', "
+                              "where fx does not see how it is called")
+            if mod in flow.inside:
+                return None, f"'{mod}' is also used inside '{flow.inside[mod]}', which fx does not enter"
         if flow.attr_reads[conv] or flow.attr_reads[cand]:
             return None, "its parameters are read directly elsewhere in the forward"
         if bn is not None and cand != bn:
@@ -214,15 +328,15 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
     norm, layer = modules[bn], modules[conv]
     if norm_spec(norm) is None:
         return None, (
-            f"{type(norm).__qualname__} '{bn}' overrides forward; declare how it splits with "
+            f"{class_name(type(norm))} '{bn}' overrides forward; declare how it splits with "
             "spre_fx.register_norm"
         )
     if not isinstance(layer, _CONVS):
-        return None, f"{type(layer).__name__} is not folded"
+        return None, f"{class_name(type(layer))} is not folded"
     base = next(c for c in _CONVS if isinstance(layer, c))
     other_dims = [n for c, n in _NORM_FOR_CONV.items() if c is not base]
     if isinstance(norm, tuple(other_dims)):  # dimension-agnostic norms (SyncBN, _BatchNormXd) pass
-        return None, f"'{bn}' ({type(norm).__name__}) does not match a {base.__name__}"
+        return None, f"'{bn}' ({class_name(type(norm))}) does not match a {base.__name__}"
     if norm.num_features != layer.out_channels:
         return None, f"'{bn}' has {norm.num_features} features, the conv {layer.out_channels} outputs"
     if norm.running_mean is None:
@@ -233,10 +347,10 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
 def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, shared: set[str]) -> str:
     """Why `m` cannot be N:M ('' when it can)."""
     if not isinstance(m, (*_CONVS, nn.Linear)):
-        return f"{type(m).__name__}: only Conv1d/2d/3d and Linear are made N:M"
+        return f"{class_name(type(m))}: only Conv1d/2d/3d and Linear are made N:M"
     if type(m).forward not in _STOCK_FORWARD:
         return (
-            f"{type(m).__qualname__} overrides forward, so its effective weight may differ from "
+            f"{class_name(type(m))} overrides forward, so its effective weight may differ from "
             "`weight` (weight standardisation, dynamic padding): left dense"
         )
     if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
@@ -279,24 +393,18 @@ def _hidden_use(name: str, flows: list[_Flow]) -> str:
     return ""
 
 
-def _shared_weights(model: nn.Module) -> set[str]:
-    owners: dict[int, set[str]] = defaultdict(set)
+def _tied_weights(model: nn.Module) -> set[str]:
+    """Names of the modules holding a parameter that another module object holds too.
+
+    One module object under several names (mmdet's `share_conv`) is not tied: its own forward,
+    where the mask lives, computes every use of its weight.
+    """
+    owners: dict[int, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
-            owners[id(p)].add(mod_name)
-    shared = set()
-    for names in owners.values():
-        if len(names) > 1:
-            shared |= names
-    return shared
-
-
-def _aliased_modules(model: nn.Module) -> set[str]:
-    """Names of modules registered under more than one name (treated as shared)."""
-    seen: dict[int, list[str]] = defaultdict(list)
-    for name, mod in model.named_modules(remove_duplicate=False):
-        seen[id(mod)].append(name)
-    return {n for names in seen.values() if len(names) > 1 for n in names}
+            owners[id(p)][id(mod)].append(mod_name)
+    return {n for by_module in owners.values() if len(by_module) > 1 for names in by_module.values()
+            for n in names}
 
 
 def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any] | None = None) -> Plan:
@@ -305,7 +413,7 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
     flows = _flows(model, concrete_args, failures)
     modules = dict(model.named_modules())
     stem = flows[0].first_conv or next((n for n, m in modules.items() if isinstance(m, _ConvNd)), None)
-    shared = _shared_weights(model) | _aliased_modules(model)
+    shared = _tied_weights(model)
     layers = []
     for name, m in modules.items():
         if not _is_layer(m):
@@ -315,10 +423,11 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
         blocker = _nm_blocker(name, m, config, stem, shared) or _hidden_use(name, flows)
         bn, no_pair = (None, "") if kind == "linear" or name in shared else _pair(name, flows, modules)
         if kind == "conv" and name in shared:
-            no_pair = "module or weight shared under several names"
+            no_pair = "its weight is shared with another module"
         if blocker and isinstance(m, _CONVS) and type(m).forward not in _STOCK_FORWARD:
             bn = None  # an unknown forward: folding a BN into its `weight` would be wrong too
-        k_by_k = isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1
+        spatial = kind == "conv" and max(m.kernel_size) > 1
+        k_by_k = spatial and isinstance(m, nn.Conv2d)
         if blocker:
             treatment, reason = DENSE, blocker
         elif kind == "linear":
@@ -327,6 +436,12 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
             treatment, reason = SPRE, f"k×k conv followed by BatchNorm '{bn}'"
         elif bn is not None and k_by_k:
             treatment, reason = NM, "spre=False: plain N:M (SR-STE)"
+        elif bn is not None and spatial:
+            conv = next(c for c in _CONVS if isinstance(m, c)).__name__
+            treatment, reason = NM, (
+                f"{'x'.join(map(str, m.kernel_size))} {conv} followed by BatchNorm '{bn}': plain N:M, "
+                "SpRe branches are Conv2d-only (the BatchNorm is folded at convert)"
+            )
         elif bn is not None:
             treatment, reason = NM, f"{'x'.join(map(str, m.kernel_size))} conv: plain N:M (SPRE.md §3)"
         elif k_by_k and config.spre:

@@ -63,6 +63,44 @@ def set_module(model: nn.Module, name: str, new: nn.Module, aliases: dict | None
     aliases[id(new)] = names
 
 
+def _with_history(obj: Any, found: dict[int, torch.Tensor], seen: set[int]) -> None:
+    """Collect the tensors with autograd history held in `obj` (containers, plain objects)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.grad_fn is not None:
+            found[id(obj)] = obj
+        return
+    if id(obj) in seen or isinstance(obj, (type, str, bytes, int, float, bool)) or obj is None:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        values = obj.values()
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        values = obj
+    else:
+        values = getattr(obj, "__dict__", {}).values()
+    for v in values:
+        _with_history(v, found, seen)
+
+
+def model_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """`copy.deepcopy(model, memo)` that also copies what a training forward left behind.
+
+    Tensors with autograd history in plain attributes (a cache of the last forward, e.g.
+    torchvision RAFT's correlation pyramid) make `copy.deepcopy` fail ("Only Tensors created
+    explicitly by the user support the deepcopy protocol"); the copy holds them detached.
+    """
+    memo = {} if memo is None else memo
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    for mod in model.modules():
+        for key, value in vars(mod).items():
+            if key not in ("_parameters", "_modules"):
+                _with_history(value, found, seen)
+    for key, t in found.items():
+        memo.setdefault(key, t.detach().clone())
+    return copy.deepcopy(model, memo)
+
+
 def _check_finite(model: nn.Module) -> None:
     tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
                if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedParameter)]
@@ -106,7 +144,7 @@ def prepare(
         raise ValueError("model is already prepared by spre_fx (prepare it once)")
     _check_finite(model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = model_copy(model)
     plan = discover(model, config, concrete_args)
     modules = dict(model.named_modules())
     aliases = module_aliases(model)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import _native
-from .compare import modes_restored, relative_error
+from .compare import flat_tensors, mismatch, modes_restored, relative_error
 from .export import FlopEstimate, KernelAdvice, advise, dense_weight
 from .masks import magnitude_mask, nm_violations, spatial_sparsity
 from .patterns import DENSE, SPRE
@@ -167,10 +167,17 @@ class VerificationError(AssertionError):
 
 @dataclass(frozen=True)
 class VerifyResult:
-    output_error: float  # max |prepared - converted| / max |prepared| over all outputs
+    """What `verify` compared. output_error: max |prepared - converted| / max |prepared| over the
+    model's outputs (inf when they differ in structure, shape or dtype: see `mismatches`).
+    layer_errors: the worst call of each compared layer; call_errors: every call, in order.
+    mismatches: each difference other than in float values ("output [0]['boxes']: shape ...")."""
+
+    output_error: float
     layer_errors: dict[str, float]
     nm_violations: dict[str, int]
     tolerance: float
+    call_errors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    mismatches: tuple[str, ...] = ()
 
 
 def _default_tolerance(model: nn.Module) -> float:
@@ -179,20 +186,63 @@ def _default_tolerance(model: nn.Module) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
 
 
-def _run(model: nn.Module, names: list[str], args: tuple, kwargs: dict) -> tuple[Any, dict]:
-    seen: dict[str, Any] = {}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[n].register_forward_hook(lambda _m, _i, out, n=n: seen.setdefault(n, out))
-        for n in names
-    ]
+def _tree_map(fn, obj: Any) -> Any:
+    """`fn` applied to every tensor of a layer's output (tensors, tuples, lists, dicts)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_tree_map(fn, o) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_map(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _tree_map(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _stored(out: Any) -> Any:
+    """A detached copy of a layer's output on the CPU: later in-place ops (ReLU(inplace=True))
+    cannot change it, and the accelerator does not hold every call of every layer at once."""
+    return _tree_map(lambda t: t.detach().to("cpu", copy=True), out)
+
+
+def _on_device_of(reference: Any, other: Any) -> Any:
+    """`reference` (stored on the CPU) moved to where `other` was computed."""
+    device = next((t.device for t in flat_tensors(other)), None)
+    if device is None or device.type == "cpu":
+        return reference
+    return _tree_map(lambda t: t.to(device), reference)
+
+
+def _run(model: nn.Module, names: list[str], args: tuple, kwargs: dict, on_call) -> Any:
+    """The model's own output in eval mode (no_grad, modes restored); `on_call(name, output)` sees
+    every call of every module in `names`, in order. The hooks observe: they return nothing."""
+    by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+    for n in names:
+        mod = model.get_submodule(n)
+        by_module.setdefault(id(mod), (mod, []))[1].append(n)
+    def observer(names_of_module: list[str]):
+        def hook(_module: nn.Module, _inputs: Any, out: Any) -> None:
+            for n in names_of_module:
+                on_call(n, out)
+        return hook
+
+    handles = [mod.register_forward_hook(observer(ns)) for mod, ns in by_module.values()]
     try:
         with modes_restored(model), torch.no_grad():
-            out = model.eval()(*args, **kwargs)
+            return model.eval()(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return out, seen
+
+
+def _error_text(error: float, tol: float) -> str:
+    if error == float("inf"):
+        return "NaN or inf values (relative error inf)"
+    return f"relative error {error:.3g} > {tol:g}"
+
+
+def _call_label(name: str, i: int, count: int) -> str:
+    return f"layer '{name}'" if count == 1 else f"layer '{name}' call {i + 1} of {count}"
 
 
 def verify(
@@ -205,19 +255,51 @@ def verify(
 ) -> VerifyResult:
     """Check, in eval mode, that `converted` computes what `prepared` does and is N:M.
 
-    Compares every output and the output of every converted layer (after its folded
-    BatchNorm) as max-abs error relative to the prepared value; default tolerance 1e-5 for
-    float32 and 1e-10 for float64. Raises VerificationError with the failing layers.
+    Compares the model's outputs, and every call of every converted layer (its output after the
+    folded BatchNorm; call i of one model against call i of the other), as max-abs error
+    relative to the prepared value; default tolerance 1e-5 for float32 and 1e-10 for float64.
+    Raises VerificationError naming each failing layer and call, and any difference in
+    structure, shape, dtype or number of calls.
     """
     plan = plan_of(prepared, stage="prepared")
     plan_of(converted, stage="converted")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = example_kwargs or {}
     tol = _default_tolerance(prepared) if tolerance is None else tolerance
-    names = [lp.norm or lp.name for lp in plan.layers]
-    out_p, seen_p = _run(prepared, names, args, kwargs)
-    out_c, seen_c = _run(converted, names, args, kwargs)
-    layer_errors = {n: relative_error(seen_p[n], seen_c[n]) for n in names if n in seen_p}
+    names = list(dict.fromkeys(lp.norm or lp.name for lp in plan.layers))
+
+    # The prepared model's calls are stored (on the CPU); the converted model's are compared
+    # as they happen and the stored copy freed, so only one model's activations are held.
+    reference: dict[str, list[Any]] = {n: [] for n in names}
+    out_p = _run(prepared, names, args, kwargs, lambda n, out: reference[n].append(_stored(out)))
+    counts = {n: len(calls) for n, calls in reference.items()}
+    errors: dict[str, list[float]] = {n: [] for n in names}
+    mismatches: list[str] = []
+    mismatched: set[tuple[str, int]] = set()
+    seen = dict.fromkeys(names, 0)
+
+    def compare(n: str, out: Any) -> None:
+        i, seen[n] = seen[n], seen[n] + 1
+        if i >= counts[n]:
+            return  # reported below, from the number of calls
+        ref, reference[n][i] = _on_device_of(reference[n][i], out), None
+        label = _call_label(n, i, counts[n])
+        found = mismatch(ref, out)
+        if found:
+            mismatches.append(f"{label}: {found}")
+            mismatched.add((n, i))
+        errors[n].append(float("inf") if found else relative_error(ref, out))
+
+    out_c = _run(converted, names, args, kwargs, compare)
+    mismatches += [
+        f"layer '{n}': called {counts[n]} times in the prepared model, {seen[n]} in the converted one"
+        for n in names if seen[n] != counts[n]
+    ]
+    found = mismatch(out_p, out_c)
+    if found:
+        mismatches.insert(0, f"output {found}")
+    output_error = float("inf") if found else relative_error(out_p, out_c)
+
     conv_modules = dict(converted.named_modules())
     n, m = plan.config.nm
     violations = {
@@ -225,12 +307,18 @@ def verify(
         for lp in plan.layers
         if lp.treatment != DENSE
     }
-    result = VerifyResult(relative_error(out_p, out_c), layer_errors, violations, tol)
-    problems = []
-    if result.output_error > tol:
-        problems.append(f"output: relative error {result.output_error:.3g} > {tol:g}")
-    problems += [f"layer '{k}': relative error {v:.3g} > {tol:g}" for k, v in layer_errors.items() if v > tol]
+    call_errors = {k: tuple(v) for k, v in errors.items() if v}
+    layer_errors = {k: max(v) for k, v in call_errors.items()}
+    result = VerifyResult(output_error, layer_errors, violations, tol, call_errors, tuple(mismatches))
+    problems = list(mismatches)
+    if not found and output_error > tol:
+        problems.append(f"output: {_error_text(output_error, tol)}")
+    problems += [
+        f"{_call_label(k, i, counts[k])}: {_error_text(e, tol)}"
+        for k, v in call_errors.items() for i, e in enumerate(v) if e > tol and (k, i) not in mismatched
+    ]
     problems += [f"layer '{k}': {v} groups break {n}:{m}" for k, v in violations.items() if v]
     if problems:
-        raise VerificationError("converted model does not match:\n  " + "\n  ".join(problems))
+        raise VerificationError(
+            "converted model does not match (prepared vs converted):\n  " + "\n  ".join(problems))
     return result

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import spre_fx
 from spre_fx.masks import is_nm
@@ -136,5 +137,53 @@ def test_verify_does_not_swallow_nan():
     p.eval()
     c = spre_fx.convert(p)
     c.block.conv2.register_forward_hook(lambda m, i, out: out * float("nan"))
-    with pytest.raises(spre_fx.VerificationError, match="output"):
+    with pytest.raises(spre_fx.VerificationError, match="output: NaN or inf values"):
         spre_fx.verify(p, c, x)
+
+
+class KeepsLastForward(nn.Module):
+    """Holds tensors of its last forward, with their autograd history (RAFT's correlation pyramid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.pyramid: list = []
+        self.last: dict = {}
+
+    def forward(self, x):
+        y = self.bn(self.conv(self.stem(x)))
+        self.pyramid = [y, F.avg_pool2d(y, 2)]
+        self.last = {"mean": y.mean()}
+        return y
+
+
+def test_convert_and_prepare_copy_models_holding_tensors_with_history():
+    torch.manual_seed(0)
+    x = tiny_input()
+    model = KeepsLastForward()
+    model(x)  # a training forward before prepare leaves a graph behind too
+    p = spre_fx.prepare(model)
+    assert p.pyramid[0].grad_fn is None and model.pyramid[0].grad_fn is not None
+    train_steps(p, x)
+    assert p.pyramid[0].grad_fn is not None
+    p.eval()
+    c = spre_fx.convert(p)
+    assert c.pyramid[0].grad_fn is None and c.pyramid[0] is not p.pyramid[0]
+    torch.testing.assert_close(c.pyramid[1], p.pyramid[1].detach(), rtol=0, atol=0)
+    spre_fx.verify(p, c, x)
+
+
+def test_torchvision_raft_converts_after_a_training_forward():
+    tv = pytest.importorskip("torchvision", reason="torchvision not installed")
+    torch.manual_seed(0)
+    p = spre_fx.prepare(tv.models.optical_flow.raft_small(weights=None))
+    a, b = torch.rand(2, 3, 128, 128), torch.rand(2, 3, 128, 128)
+    flows = p.train()(a, b, num_flow_updates=2)
+    flows[-1].abs().mean().backward()
+    p.eval()
+    c = spre_fx.convert(p)
+    result = spre_fx.verify(p, c, (a, b), example_kwargs={"num_flow_updates": 2})
+    assert result.output_error <= 1e-5
+    assert result.nm_violations and not any(result.nm_violations.values())  # N:M layers, all exact

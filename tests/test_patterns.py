@@ -202,7 +202,9 @@ def test_conv_subclass_with_own_forward_left_dense():
         PlainSub(8, 8, 3, padding=1), nn.BatchNorm2d(8),
     )
     layers = plan(model)
-    assert layers["1"].treatment == "dense" and "overrides forward" in layers["1"].reason
+    assert layers["1"].treatment == "dense"
+    assert layers["1"].reason.startswith("tests.test_patterns.test_conv_subclass_with_own_forward_left_dense"
+                                         ".<locals>.StdConv overrides forward")
     assert layers["1"].norm is None  # folding into a standardised weight would be wrong
     assert layers["3"].treatment == "spre"
     roundtrip(model, tiny_input())
@@ -248,7 +250,14 @@ def test_conv1d_and_conv3d_get_nm_and_fold():
     assert layers["1"].treatment == "nm" and layers["1"].norm == "2"
     roundtrip(m1, torch.randn(2, 3, 16))
     m3 = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Conv3d(8, 8, 3), nn.BatchNorm3d(8))
+    lp = plan(m3)["1"]
+    assert lp.treatment == "nm" and lp.norm == "2"
+    assert lp.reason == ("3x3x3 Conv3d followed by BatchNorm '2': plain N:M, SpRe branches are Conv2d-only "
+                         "(the BatchNorm is folded at convert)")  # not the 1x1 reason
+    assert plan(m1)["1"].reason.startswith("3 Conv1d followed by BatchNorm '2'")
     roundtrip(m3, torch.randn(2, 3, 8, 8, 8))
+    pointwise = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8))
+    assert plan(pointwise)["1"].reason == "1x1x1 conv: plain N:M (SPRE.md §3)"
 
 
 class OptionalNorm(nn.Module):
@@ -337,3 +346,167 @@ def test_mmcv_conv_module_pairs():
     layers = plan(model)
     assert layers["1.conv"].treatment == "spre" and layers["1.conv"].norm == "1.bn"
     roundtrip(model, tiny_input())
+
+
+class ConvAct(nn.Module):
+    """ultralytics' `Conv`: every instance registers the one class-level activation module."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = self.default_act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class LoopsOverLayers(nn.Module):
+    """A parent fx cannot trace (ultralytics' DetectionModel loops with data-dependent routing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.ModuleList([ConvAct(3, 8), ConvAct(8, 8), ConvAct(8, 8)])
+
+    def forward(self, x):
+        for m in self.model:
+            x = m(x) if x.sum() > -1e9 else x
+        return x
+
+
+def test_one_module_under_several_names_in_an_untraced_parent():
+    torch.manual_seed(0)
+    layers = plan(LoopsOverLayers())
+    assert layers["model.1.conv"].treatment == "spre" and layers["model.2.conv"].norm == "model.2.bn"
+    roundtrip(LoopsOverLayers(), tiny_input())
+
+
+class SharedConvLevels(nn.Module):
+    """mmdet RTMDet `share_conv=True`: one conv module object per level, a BatchNorm per level."""
+
+    def __init__(self, levels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(levels)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(8) for _ in range(levels)])
+        for i in range(1, levels):
+            self.convs[i] = self.convs[0]
+
+    def forward(self, x):
+        x = self.stem(x)
+        feats = [x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4)]
+        return sum(bn(conv(f)).mean() for f, conv, bn in zip(feats, self.convs, self.bns))
+
+
+def test_conv_shared_across_levels_gets_nm_without_a_pair():
+    torch.manual_seed(0)
+    layers = plan(SharedConvLevels())
+    assert "convs.1" not in layers  # one module object, planned once
+    lp = layers["convs.0"]
+    assert lp.treatment == "nm" and lp.norm is None and "called from 3 places" in lp.reason
+    x = tiny_input()
+    p = spre_fx.prepare(SharedConvLevels())
+    assert p.convs[1] is p.convs[0] and isinstance(p.convs[2], spre_fx.modules.NMConv2d)
+    train_steps(p, x)
+    p.eval()
+    c = spre_fx.convert(p)
+    assert c.convs[2] is c.convs[0]
+    result = spre_fx.verify(p, c, x)
+    assert len(result.call_errors["convs.0"]) == 3  # every level compared
+    assert spre_fx.report(c).layers[1].nm_coverage == 1.0
+
+
+def test_an_alias_called_once_pairs_but_not_one_fx_cannot_see():
+    class AliasOnly(nn.Module):
+        """The block is also registered as `alias` but the forward calls it once."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = conv_bn(8, 8)
+            self.alias = self.block
+
+        def forward(self, x):
+            return self.block(self.stem(x))
+
+    class CallsItsChild(nn.Module):
+        """Untraceable, calls its direct child `conv`, which another traced block calls too."""
+
+        def __init__(self, conv: nn.Module) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > -1e9 else x
+
+    class HiddenSecondCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = conv_bn(8, 8)
+            self.odd = CallsItsChild(self.block[0])
+
+        def forward(self, x):
+            return self.odd(self.block(self.stem(x))) if x.sum() > -1e9 else x
+
+    torch.manual_seed(0)
+    assert plan(AliasOnly())["block.0"].treatment == "spre"
+    roundtrip(AliasOnly(), tiny_input())
+    lp = plan(HiddenSecondCall())["block.0"]
+    assert lp.norm is None and "also registered as 'odd.conv'" in lp.reason
+    roundtrip(HiddenSecondCall(), tiny_input())
+
+
+def test_tied_weights_of_two_modules_stay_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4))
+    model[2].weight = model[0].weight
+    layers = plan(model)
+    for name in ("0", "2"):
+        assert layers[name].treatment == "dense" and "tied weights" in layers[name].reason
+    assert layers["3"].treatment == "nm"
+
+
+def test_reading_only_a_weights_dtype_or_device_is_no_direct_read():
+    """timm's XCiT builds its positional encoding with `self.token_projection.weight.dtype`."""
+
+    class PositionalEncoding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            w = self.proj.weight
+            grid = torch.arange(x.shape[-1], dtype=w.dtype, device=w.device) / w.shape[1]
+            grid = grid * self.fc.weight.size(0) / self.fc.weight.dim()
+            y = self.bn(self.proj(x + grid))
+            return self.fc(y.mean((2, 3)))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PositionalEncoding())
+    torch.manual_seed(0)
+    layers = plan(model)
+    assert layers["1.proj"].treatment == "spre" and layers["1.fc"].treatment == "nm"
+    roundtrip(model, tiny_input())
+
+
+def test_timm_xcit_positional_encoding_is_nm():
+    timm = pytest.importorskip("timm", reason="timm not installed")
+    torch.manual_seed(0)
+    model = timm.create_model("xcit_nano_12_p16_224", num_classes=10, img_size=64)
+    assert plan(model)["pos_embed.token_projection"].treatment == "nm"
+
+
+def test_reasons_name_classes_by_their_public_path():
+    timm = pytest.importorskip("timm", reason="timm not installed")
+    reason = plan(nn.Sequential(timm.layers.Linear(8, 8)))["0"].reason
+    assert reason.startswith("timm.layers.Linear overrides forward")
+    layers = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 3)))
+    assert layers["1"].reason == "torch.nn.ConvTranspose2d: only Conv1d/2d/3d and Linear are made N:M"
+    from spre_fx.patterns import class_name
+
+    assert class_name(nn.Conv2d) == "torch.nn.Conv2d"
+    assert class_name(timm.layers.Linear) == "timm.layers.Linear"

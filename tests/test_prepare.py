@@ -189,3 +189,92 @@ def test_silent_branch_starts_at_nm_projection(net):
     silent = spre_fx.prepare(net, silent_branch=True).eval()
     plain = spre_fx.prepare(net, spre=False).eval()
     torch.testing.assert_close(silent(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+class CachesOnFirstCall(nn.Module):
+    """Caches what it saw on its first call (torchvision's MultiScaleRoIAlign keeps `scales`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.size = None
+        self.seen: list = []
+        self.by_key: dict = {}
+
+    def forward(self, x):
+        if self.size is None:
+            self.size = x.shape[-1]
+            self.seen.append(x.shape[-2])
+            self.by_key["first"] = x.mean()
+        return self.bn(self.conv(x)) * (self.size / x.shape[-1])
+
+
+def _proxies(model: nn.Module) -> list[str]:
+    """Every attribute (or list/dict entry of one) of any module that holds an fx Proxy."""
+    found = []
+    for name, mod in model.named_modules():
+        for key, value in vars(mod).items():
+            values = value.values() if isinstance(value, dict) else value
+            values = values if isinstance(value, (dict, list)) else (value,)
+            if any(isinstance(v, torch.fx.Proxy) for v in values):
+                found.append(f"{name}.{key}")
+    return found
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tracing_leaves_no_mark_on_the_model(inplace):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), CachesOnFirstCall())
+    before = {id(m): {k: v for k, v in vars(m).items() if k != "_modules"} for m in model.modules()}
+    p = spre_fx.prepare(model, inplace=inplace)
+    assert _proxies(p) == []
+    if inplace:  # every module that was not swapped holds exactly what it held before
+        kept = [m for m in p.modules() if id(m) in before]
+        assert len(kept) == 3  # the Sequential, the stem conv (dense) and the cache module
+        for m in kept:
+            after = {k: v for k, v in vars(m).items() if k not in ("_modules", "_spre_fx_plan")}
+            assert after.keys() == before[id(m)].keys()
+            assert all(after[k] is v or after[k] == v for k, v in before[id(m)].items())
+    cache = p[1]
+    assert cache.size is None and cache.seen == [] and cache.by_key == {}
+    assert spre_fx.report(p).layers[1].treatment == "spre"  # the trace saw the pair all the same
+    x = tiny_input()
+    p(x)  # its first real call caches real values
+    assert cache.size == 12 and cache.seen == [12]
+
+
+def test_torchvision_rcnn_runs_after_prepare():
+    """MultiScaleRoIAlign kept fx Proxies from the trace: the first forward raised a TraceError."""
+    tv = pytest.importorskip("torchvision", reason="torchvision not installed")
+    torch.manual_seed(0)
+    model = tv.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128,
+        rpn_post_nms_top_n_train=64, rpn_post_nms_top_n_test=64, box_batch_size_per_image=32)
+    p = spre_fx.prepare(model)
+    assert _proxies(p) == []
+    images = [torch.rand(3, 128, 128), torch.rand(3, 112, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])}] * 2
+    losses = p.train()(images, targets)
+    sum(losses.values()).backward()
+    with torch.no_grad():
+        detections = p.eval()(images)
+    assert len(detections) == 2 and detections[0]["boxes"].shape[1] == 4
+
+
+def test_a_proxy_left_out_of_reach_of_the_restore_is_an_error():
+    """A cache nested two containers deep is not restored; prepare says so instead of returning a
+    model that fails at its first forward."""
+
+    class NestedCache(CachesOnFirstCall):
+        def __init__(self) -> None:
+            super().__init__()
+            self.nested = {"levels": {}}
+
+        def forward(self, x):
+            self.nested["levels"].setdefault("scale", x.shape[-1])
+            return super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), NestedCache())
+    with pytest.raises(RuntimeError, match=r"tracing left an fx Proxy in '1.nested'.*register_leaf_module"):
+        spre_fx.prepare(model)
