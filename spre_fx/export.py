@@ -178,28 +178,40 @@ class SemiStructuredConv2d(nn.Module):
         w = w.to_dense() if _is_packed(w) else w
         return w.reshape(self.out_channels, *self.kernel_size, self.in_channels).permute(0, 3, 1, 2)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def output_size(self, input: Tensor) -> tuple[int, int]:
+        """(Ho, Wo) of the conv's output for `input` `[N, C, H, W]` (ValueError on a wrong shape)."""
         if input.dim() != 4 or input.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input [N, {self.in_channels}, H, W], found shape {tuple(input.shape)}"
             )
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        dh, dw = self.dilation
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        lw, rw, th, bh = self.padding
+        h, w = input.shape[2] + th + bh, input.shape[3] + lw + rw
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"input {tuple(input.shape)} is smaller than the dilated kernel")
+        return ho, wo
+
+    def im2col(self, input: Tensor) -> Tensor:
+        """The GEMM input `[N·Ho·Wo, kh·kw·C]` of `input`, in the weight's (kh, kw, C) order: a
+        view for a stride-1 1×1 conv on a channels_last input, else one strided gather (a copy)."""
+        ho, wo = self.output_size(input)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         x = input.permute(0, 2, 3, 1)  # NHWC view
         if any(self.padding):
             lw, rw, th, bh = self.padding
             x = F.pad(x, (0, 0, lw, rw, th, bh))
-        n, h, w, c = x.shape
-        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-        if ho <= 0 or wo <= 0:
-            raise ValueError(f"input {tuple(input.shape)} is smaller than the dilated kernel")
+        n, _, _, c = x.shape
         s_n, s_h, s_w, s_c = x.stride()
         patches = x.as_strided(
             (n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c), x.storage_offset()
         )
-        y = F.linear(patches.reshape(n * ho * wo, kh * kw * c), self.weight, self.bias)
-        return y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        return patches.reshape(n * ho * wo, kh * kw * c)
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = F.linear(self.im2col(input), self.weight, self.bias)
+        ho, wo = self.output_size(input)
+        return y.reshape(input.shape[0], ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         kind = type(self.weight).__name__ if _is_packed(self.weight) else "dense"
