@@ -196,14 +196,16 @@ CUDA_ONLY = "CUDA-only: torch's semi-structured kernels (cuSPARSELt, CUTLASS) ru
 
 
 # --------------------------------------------------------------------------- timing
-def bench_ms(ctx: Context, fn: Callable[[], Any]) -> float:
-    """Median milliseconds of `fn`: triton's do_bench on CUDA (events, L2 flushed), else perf_counter."""
+def bench_ms(ctx: Context, fn: Callable[[], Any], scale: float = 1.0) -> float:
+    """Median milliseconds of `fn`: triton's do_bench on CUDA (CUDA events, L2 flushed before each
+    run; warm-up and repeat times of the sizes times `scale`), else perf_counter."""
     if ctx.cuda:
         try:
             from triton.testing import do_bench
         except ImportError:
-            return _events_ms(fn, ctx.sizes)
-        return float(do_bench(fn, warmup=ctx.sizes.warmup_ms, rep=ctx.sizes.rep_ms, return_mode="median"))
+            return _events_ms(fn)
+        warmup, rep = ctx.sizes.warmup_ms * scale, ctx.sizes.rep_ms * scale
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     fn()
     times = []
     for _ in range(ctx.sizes.cpu_reps):
@@ -213,7 +215,7 @@ def bench_ms(ctx: Context, fn: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
-def _events_ms(fn: Callable[[], Any], sizes: Sizes, n: int = 20) -> float:
+def _events_ms(fn: Callable[[], Any], n: int = 20) -> float:
     """CUDA-event median (when triton is missing): warm-up, then n timed calls."""
     for _ in range(3):
         fn()
@@ -799,7 +801,8 @@ def part_e2e(ctx: Context, rec: dict) -> None:
         with torch.no_grad():
             for name, model in models.items():
                 ctx.deadline.check(f"e2e {dtype} batch {batch} {name}")
-                row[f"{name}_ms"] = bench_ms(ctx, lambda model=model, nxt=nxt: model(nxt()))
+                # a whole forward is tens of ms: ten times the layers' repeat time, for ~10 runs
+                row[f"{name}_ms"] = bench_ms(ctx, lambda model=model, nxt=nxt: model(nxt()), scale=10)
         for name in models:
             if name != "dense":
                 row[f"{name}_speedup"] = row["dense_ms"] / row[f"{name}_ms"]
@@ -973,7 +976,7 @@ def _profile(ctx: Context, steps: dict) -> dict:
             "optimizer_step_cpu_ms": sum(e.cpu_time_total for e in opt) / n / 1e3,
             "top": {e.key: round(self_t(e) / n / 1e3, 3) for e in top},
         }
-        sort = "self_cuda_time_total" if ctx.cuda else "self_cpu_time_total"
+        sort = "self_device_time_total" if ctx.cuda else "self_cpu_time_total"
         text.append(f"== {k}, {n} steps ==\n{prof.key_averages().table(sort_by=sort, row_limit=25)}")
     (ctx.out / "profile_train.txt").write_text("\n\n".join(text))
     return summary
@@ -1267,9 +1270,8 @@ def main(argv: list[str] | None = None) -> int:
     end = start + budget
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(GPU if cuda else DRY, cuda, torch.device("cuda" if cuda else "cpu"), out, Deadline(end), {})
-    if cuda:
-        torch.cuda.set_device(ctx.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    ctx = Context(GPU if cuda else DRY, cuda, device, out, Deadline(end), {})
     result: dict[str, Any] = {
         "command": "python3 benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "dry_run": not cuda,
