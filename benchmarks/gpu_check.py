@@ -649,10 +649,12 @@ def _time_layer(ctx: Context, mod: nn.Module, shape: tuple, dtype: torch.dtype, 
             if kernel == "cusparselt" and "ms" in row["sparse"][kernel]:
                 # cuSPARSELt writes [O, M] unless told to transpose in the kernel; torch's default
                 # then hands F.linear a transposed view and SemiStructuredConv2d copies it to NHWC.
-                packed.fuse_transpose_cusparselt = True
-                row["sparse"]["cusparselt-fused-t"] = _time_sparse(
-                    ctx, mod, packed, nxt, pnext, row, gemm=False
-                )
+                try:
+                    packed.fuse_transpose_cusparselt = True
+                    fused = _time_sparse(ctx, mod, packed, nxt, pnext, row, gemm=False)
+                except Exception as e:
+                    fused = {"raised": f"{type(e).__name__}: {e}"[:300]}
+                row["sparse"]["cusparselt-fused-t"] = fused
     return row
 
 
@@ -1093,7 +1095,7 @@ def markdown(result: dict) -> tuple[str, str]:
                     "vs dense",
                     "vs fp32",
                     "dense vs fp32",
-                    "worst layer",
+                    "worst layer error",
                     "ok",
                     "note",
                 ],
@@ -1233,9 +1235,14 @@ def markdown(result: dict) -> tuple[str, str]:
 
 
 def write(result: dict, out: Path, start: float) -> str:
+    """Rewrite the JSON and the markdown; returns the summary. The JSON is written first, and a
+    table that fails to render is replaced by its traceback: the numbers are never lost."""
     result["wall_s"] = time.monotonic() - start
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
-    full, summary = markdown(result)
+    try:
+        full, summary = markdown(result)
+    except Exception:
+        full = summary = f"markdown failed (the numbers are in gpu_check.json):\n{traceback.format_exc()}"
     (out / "gpu_check.md").write_text(full)
     return summary
 

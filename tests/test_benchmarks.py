@@ -6,13 +6,19 @@ documented commands from rotting as the library changes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from spre_fx import export
+from spre_fx.masks import nm_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,3 +112,93 @@ def test_gpu_check_refuses_unknown_parts_and_a_missing_gpu(tmp_path):
     if not torch.cuda.is_available():
         done = _gpu_check("--out", str(tmp_path))
         assert done.returncode == 2 and "--dry-run" in done.stderr
+
+
+def _load_gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _nm_(layer: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        layer.weight.mul_(nm_mask(layer.weight, 2, 4))
+    return layer.to(torch.bfloat16)
+
+
+def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path, monkeypatch):
+    """The branches only a GPU reaches (2:4 layer timing, fused-transpose variant, summaries,
+    the selective model, every table of a GPU run) run here with torch's packing call replaced
+    by the identity, as tests/test_export.py does: a Python error there would cost the call."""
+    gc = _load_gpu_check(monkeypatch)
+    monkeypatch.setattr(export, "_sparse_from_dense", lambda cls, weight: weight)
+    ctx = gc.Context(gc.DRY, False, torch.device("cpu"), tmp_path, gc.Deadline(time.monotonic() + 600), {})
+    kernels = {"cusparselt": None, "cutlass": "not here"}
+    torch.manual_seed(0)
+    rows = []
+    for name, mod, shape in (("conv", _nm_(nn.Conv2d(16, 32, 3, padding=1)), (2, 16, 8, 8)),
+                             ("point", _nm_(nn.Conv2d(32, 16, 1)), (2, 32, 8, 8)),
+                             ("fc", _nm_(nn.Linear(64, 32)), (4, 64))):
+        row = gc._time_layer(ctx, mod, shape, torch.bfloat16, kernels)
+        assert set(row["sparse"]) == {"cusparselt", "cusparselt-fused-t"}, row["sparse"]
+        assert all(v["error_vs_dense"] < 1e-2 and v["ms"] > 0 for v in row["sparse"].values())
+        assert (row["im2col_ms"] > 0) == (name == "conv")  # a 1×1 conv and a linear read their input in place
+        row.update(layers=[name], count=2, input=list(shape), verdict="ok" if name != "point" else "small")
+        rows.append(row)
+    summary = gc.summarise_layers(rows)
+    assert summary["shapes_sparse"] == 3 and summary["shapes_eligible"] == 2
+    assert summary["eligible_speedup"] > 0 and summary["eligible_best_variant"]
+    # the selective model packs exactly the layers measured faster, and computes the same
+    net = nn.Sequential(_nm_(nn.Conv2d(16, 32, 3, padding=1)), nn.ReLU(), _nm_(nn.Conv2d(32, 16, 1)))
+    timed = [{"layers": [n], "sparse": {"cusparselt": {"ms": 1, "speedup": v}}}
+             for n, v in (("0", 1.5), ("2", 0.5))]
+    chosen = gc._measured_faster({"rows": timed})
+    assert chosen == ["0"]
+    x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
+    selective = gc._pack_only(net, chosen, "cusparselt")
+    assert isinstance(selective[0], export.SemiStructuredConv2d) and type(selective[2]) is nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(selective(x), net(x), rtol=2e-2, atol=2e-2)
+    # every table of a GPU run renders, with the fields the parts write
+    result = {
+        "dry_run": False, "started": "now", "command": "gpu_check.py --out x", "budget_s": 240, "wall_s": 200,
+        "parts": {
+            "env": {"status": "ok", "seconds": 1, "gpu": "H200", "capability": [9, 0], "torch": "2.11.0"},
+            "pytest": {"status": "ok", "seconds": 20, "summary": "6 passed in 9s", "counts": {"passed": 6}},
+            "numerics": {"status": "ok", "seconds": 9,
+                         "verify_fp64": {"ok": True, "output_error": 1e-14},
+                         "verify_fp32": {"ok": False, "output_error": 2e-5, "error": "layer 'fc' ..."},
+                         "runs": [{"dtype": "torch.float16", "kernel": "cusparselt", "dense_vs_fp32": 1e-3,
+                                   "layers": 52, "finite": True, "vs_fp32": 2e-3, "vs_dense": 3e-3,
+                                   "worst_layer": "layer1.0.conv2", "worst_layer_error": 4e-3,
+                                   "layers_over_tol": [], "ok": True},
+                                  {"dtype": "torch.float16", "kernel": "cutlass", "dense_vs_fp32": 1e-3,
+                                   "skipped": "compute capability 9.0"},
+                                  {"dtype": "torch.bfloat16", "kernel": "cusparselt", "dense_vs_fp32": 1e-3,
+                                   "error": "RuntimeError: ..."}]},
+            "advisor": {"status": "ok", "seconds": 3, "by_dtype": {"torch.float16": {
+                "layers": [], "verdicts": {"ok": 50}, "mismatches": ["fc cusparselt: advisor no"]}}},
+            "layers": {"status": "truncated", "seconds": 70, "reason": "deadline",
+                       "runs": [{"dtype": "torch.float16", "batch": 64, "rows": rows, "left_out": ["x"],
+                                 "summary": summary}]},
+            "e2e": {"status": "ok", "seconds": 20, "runs": [
+                {"dtype": "torch.float16", "batch": 64, "ideal_conv_linear_speedup": 1.9, "packed_layers": 50,
+                 "dense_ms": 10.0, "semi_structured_ms": 8.0, "im2col_dense_ms": 12.0,
+                 "semi_structured_measured_ms": 7.5, "semi_structured_speedup": 1.25,
+                 "im2col_dense_speedup": 0.83, "semi_structured_measured_speedup": 1.33}]},
+            "train": {"status": "ok", "seconds": 30, "flop_ratio": {"dense": 1.0, "nm": 1.0, "spre": 1.46},
+                      "median_ms": {"dense": 50, "nm": 55, "spre": 80, "nm-held": 52, "spre-held": 75},
+                      "ratio": {"dense": 1.0, "nm": 1.1, "spre": 1.6, "nm-held": 1.04, "spre-held": 1.5},
+                      "mask_update_ms": {"nm": {"all": 3.0}}, "goals": {"nm <= 1.05": False,
+                                                                      "spre <= flop ratio": False},
+                      "profile": {"dense": {"ms_per_step": 40.0, "optimizer_step_cpu_ms": 2.0, "top": {}}}},
+        },
+    }
+    full, short = gc.markdown(result)
+    assert "| conv | 2 | 128x144x32 | ok |" in full and "fc cusparselt: advisor no" in full
+    assert "| layers torch.float16 b64 eligible speed-up |" in short
+    assert "| train SpRe step / dense | 1.600" in short
+    assert "| pytest -m gpu | 6 passed in 9s | all pass | yes |" in short
