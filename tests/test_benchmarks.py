@@ -202,3 +202,22 @@ def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path
     assert "| layers torch.float16 b64 eligible speed-up |" in short
     assert "| train SpRe step / dense | 1.600" in short
     assert "| pytest -m gpu | 6 passed in 9s | all pass | yes |" in short
+
+
+def test_gpu_check_trains_on_the_cpu_when_training_on_the_gpu_fails(tmp_path, monkeypatch):
+    """The kernel parts share one trained model: a failure of the (never run) CUDA mask code must
+    not take them down with it."""
+    gc = _load_gpu_check(monkeypatch)
+    real, devices = gc._train_and_convert, []
+
+    def first_call_fails(sizes, device):
+        devices.append(device.type)
+        if len(devices) == 1:
+            raise RuntimeError("no kernel image is available")
+        return real(sizes, device)
+
+    monkeypatch.setattr(gc, "_train_and_convert", first_call_fails)
+    ctx = gc.Context(gc.DRY, True, torch.device("cpu"), tmp_path, gc.Deadline(time.monotonic() + 600), {})
+    prepared, converted = gc.trained(ctx)
+    assert devices == ["cpu", "cpu"] and "no kernel image" in ctx.cache["trained_on_cpu"]
+    assert gc.trained(ctx) == (prepared, converted)  # built once
