@@ -147,11 +147,11 @@ DRY = Sizes(
 # its time to the later ones. The dry run multiplies both by DRY_SLACK (the CPU is slow and shared).
 PARTS = (
     ("env", 15, 0),
-    ("pytest", 75, 15),
+    ("pytest", 60, 15),
     ("numerics", 35, 12),
     ("advisor", 15, 5),
-    ("layers", 70, 20),
-    ("e2e", 25, 8),
+    ("layers", 65, 20),
+    ("e2e", 30, 8),
     ("train", 40, 15),
 )
 GPU_BUDGET, DRY_SLACK = 240.0, 4.0
