@@ -496,7 +496,9 @@ def part_numerics(ctx: Context, rec: dict) -> None:
                 worst_layer_error=errs.get(worst),
                 layers_over_tol=[n for n, e in errs.items() if e > LAYER_TOL],
             )
-            row["ok"] = row["finite"] and row["vs_dense"] <= E2E_TOL and not row["layers_over_tol"]
+            row["ok"] = (
+                bool(names) and row["finite"] and row["vs_dense"] <= E2E_TOL and not row["layers_over_tol"]
+            )
             print(
                 f"  {dtype} {kernel}: {len(names)} layers, vs dense {row['vs_dense']:.2e}, vs fp32 "
                 f"{row['vs_fp32']:.2e} (dense {dense_err:.2e}), worst layer {row['worst_layer_error']}",
@@ -806,6 +808,10 @@ def part_e2e(ctx: Context, rec: dict) -> None:
             packed = packed_names(models["semi_structured"])
             row["packed_layers"] = len(packed)
             models["im2col_dense"] = im2col_model(dense, packed)
+            fused = to_semi_structured(dense)  # cuSPARSELt transposing in the kernel: NHWC outputs
+            for name in packed_names(fused):
+                fused.get_submodule(name).weight.fuse_transpose_cusparselt = True
+            models["semi_structured_fused_t"] = fused
             chosen = _measured_faster(measured.get((str(dtype), batch)))
             if chosen is not None:  # pack only the layers the per-layer timing found faster
                 kernel = next(k for k, why in kernels.items() if why is None)

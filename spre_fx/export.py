@@ -133,8 +133,12 @@ class SemiStructuredConv2d(nn.Module):
     `[O, kh, kw, C]` order of the N:M groups; it may be dense or a `torch.sparse`
     semi-structured tensor. The input is viewed as NHWC (no copy for a channels_last input),
     zero-padded, its patches gathered in the same (kh, kw, C) order, and
-    `F.linear(patches, weight, bias)` gives `[N·Ho·Wo, O]`, returned as an NCHW-shaped view
-    (channels_last in memory, so the next such conv reads it without a copy).
+    `F.linear(patches, weight, bias)` gives `[N·Ho·Wo, O]`, returned as an NCHW-shaped view.
+    With a dense weight that is channels_last memory (the next such conv reads it without a
+    copy). torch's cuSPARSELt tensor computes `W·patchesᵀ`, `[O, N·Ho·Wo]`, and returns its
+    transpose, so the view's memory is `[O, N, Ho, Wo]`, unless the packed weight has
+    `fuse_transpose_cusparselt = True` (the kernel then writes `[N·Ho·Wo, O]`; read from torch
+    2.11's source, timed by benchmarks/gpu_check.py, not run here).
     """
 
     def __init__(
