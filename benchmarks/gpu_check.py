@@ -728,7 +728,10 @@ def part_layers(ctx: Context, rec: dict) -> None:
                 "verdict": verdicts[first].code,
                 "macs": verdicts[first].macs,
             }
-            row.update(_time_layer(ctx, mods[first], spec["input"], dtype, kernels))
+            try:
+                row.update(_time_layer(ctx, mods[first], spec["input"], dtype, kernels))
+            except Exception as e:  # one shape's failure is a result; the others still run
+                row["raised"] = f"{type(e).__name__}: {e}"[:300]
             run["rows"].append(row)
             if ctx.cuda:
                 torch.cuda.empty_cache()
@@ -802,39 +805,51 @@ def part_e2e(ctx: Context, rec: dict) -> None:
         rec["runs"].append(row)
         flops = advise(dense, input_size=shape).flops
         row["ideal_conv_linear_speedup"] = flops.ideal_speedup if flops else None
-        models = {"dense": dense}
+        builders: dict[str, Callable[[], nn.Module]] = {"dense": lambda dense=dense: dense}
         if not (kernels["cusparselt"] and kernels["cutlass"]):
-            models["semi_structured"] = to_semi_structured(dense)
-            packed = packed_names(models["semi_structured"])
-            row["packed_layers"] = len(packed)
-            models["im2col_dense"] = im2col_model(dense, packed)
-            fused = to_semi_structured(dense)  # cuSPARSELt transposing in the kernel: NHWC outputs
-            for name in packed_names(fused):
-                fused.get_submodule(name).weight.fuse_transpose_cusparselt = True
-            models["semi_structured_fused_t"] = fused
+            kernel = next(k for k, why in kernels.items() if why is None)
             chosen = _measured_faster(measured.get((str(dtype), batch)))
-            if chosen is not None:  # pack only the layers the per-layer timing found faster
-                kernel = next(k for k, why in kernels.items() if why is None)
-                models["semi_structured_measured"] = _pack_only(dense, chosen, kernel)
+            builders.update(
+                semi_structured=lambda dense=dense: to_semi_structured(dense),
+                # cuSPARSELt transposing in the kernel: the layers hand on NHWC outputs
+                semi_structured_fused_t=lambda dense=dense: _fused_t(to_semi_structured(dense)),
+                im2col_dense=lambda dense=dense: im2col_model(dense, packed_names(to_semi_structured(dense))),
+            )
+            if chosen is not None:  # only the layers the per-layer timing found faster on 2:4
+                builders["semi_structured_measured"] = lambda d=dense, c=chosen, k=kernel: _pack_only(d, c, k)
                 row["measured_faster_layers"] = len(chosen)
         else:
-            models["im2col_dense"] = im2col_model(dense, nm_layers(dense))
-        with torch.no_grad():
-            for name, model in models.items():
-                ctx.deadline.check(f"e2e {dtype} batch {batch} {name}")
-                # a whole forward is tens of ms: ten times the layers' repeat time, for ~10 runs
-                row[f"{name}_ms"] = bench_ms(ctx, lambda model=model, nxt=nxt: model(nxt()), scale=10)
-        for name in models:
-            if name != "dense":
+            builders["im2col_dense"] = lambda dense=dense: im2col_model(dense, nm_layers(dense))
+        for name, build in builders.items():
+            ctx.deadline.check(f"e2e {dtype} batch {batch} {name}")
+            try:  # one model's failure is a result; the others still run
+                model = build()
+                if name == "semi_structured":
+                    row["packed_layers"] = len(packed_names(model))
+                with torch.no_grad():
+                    # a whole forward is tens of ms: ten times the layers' repeat time, ~10 runs
+                    row[f"{name}_ms"] = bench_ms(ctx, lambda model=model, nxt=nxt: model(nxt()), scale=10)
+            except Exception as e:
+                row[f"{name}_raised"] = f"{type(e).__name__}: {e}"[:300]
+            model = None
+        for name in builders:
+            if name != "dense" and f"{name}_ms" in row and "dense_ms" in row:
                 row[f"{name}_speedup"] = row["dense_ms"] / row[f"{name}_ms"]
         print(
             f"  e2e {dtype} b{batch}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("_ms", "_speedup"))),
             flush=True,
         )
-        del models, dense
+        del dense
         if ctx.cuda:
             torch.cuda.empty_cache()
+
+
+def _fused_t(model: nn.Module) -> nn.Module:
+    """Every cuSPARSELt weight of `model` told to write its result transposed (NHWC for convs)."""
+    for name in packed_names(model):
+        model.get_submodule(name).weight.fuse_transpose_cusparselt = True
+    return model
 
 
 def _measured_faster(run: dict | None) -> list[str] | None:
@@ -1157,15 +1172,15 @@ def markdown(result: dict) -> tuple[str, str]:
                 [
                     ",".join(r["layers"][:2]) + ("..." if r["count"] > 2 else ""),
                     r["count"],
-                    "x".join(map(str, r["gemm_mkn"])),
+                    "x".join(map(str, r.get("gemm_mkn", []))) or r.get("raised", "-"),
                     r["verdict"],
-                    r["dense_ms"],
+                    r.get("dense_ms"),
                     r.get("im2col_dense_ms"),
                     plain.get("ms"),
                     sp.get("cusparselt-fused-t", {}).get("ms"),
                     b.get("speedup"),
-                    r["im2col_ms"],
-                    r["gemm_dense_ms"],
+                    r.get("im2col_ms"),
+                    r.get("gemm_dense_ms"),
                     g.get("gemm_ms"),
                     g.get("gemm_speedup"),
                     max((v["error_vs_dense"] for v in sp.values() if "error_vs_dense" in v), default=None),
@@ -1351,6 +1366,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
         print(f"[{name}] {rec['status']} in {rec['seconds']} s", flush=True)
         write(result, out, start)
+    # the GPU machine has none of them: nothing on this path may import them
+    result["mmdet_or_timm_imported"] = sorted(
+        m for m in sys.modules if m.split(".")[0] in ("mmdet", "mmcv", "timm")
+    )
     summary = write(result, out, start)
     print("\n" + summary, flush=True)
     return 1 if failed else 0

@@ -6,6 +6,7 @@ documented commands from rotting as the library changes.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -64,6 +65,7 @@ def test_gpu_check_dry_run_runs_every_part_and_skips_each_cuda_step_with_its_rea
     assert result["dry_run"]
     assert list(parts) == ["env", "pytest", "numerics", "advisor", "layers", "e2e", "train"]
     assert {k: p["status"] for k, p in parts.items()} == dict.fromkeys(parts, "ok"), parts
+    assert result["mmdet_or_timm_imported"] == []
     # the gpu tests are collected, and skip without CUDA
     assert parts["pytest"]["counts"].get("skipped", 0) > 0 and "failed" not in parts["pytest"]["counts"]
     # what the CPU can check it checks: the conversion (float64) and the im2col path
@@ -204,7 +206,7 @@ def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path
     assert "| pytest -m gpu | 6 passed in 9s | all pass | yes |" in short
 
 
-def test_gpu_check_trains_on_the_cpu_when_training_on_the_gpu_fails(tmp_path, monkeypatch):
+def test_gpu_check_trains_on_the_cpu_when_training_on_the_gpu_fails_and_e2e_runs_every_variant(tmp_path, monkeypatch):
     """The kernel parts share one trained model: a failure of the (never run) CUDA mask code must
     not take them down with it."""
     gc = _load_gpu_check(monkeypatch)
@@ -221,3 +223,20 @@ def test_gpu_check_trains_on_the_cpu_when_training_on_the_gpu_fails(tmp_path, mo
     prepared, converted = gc.trained(ctx)
     assert devices == ["cpu", "cpu"] and "no kernel image" in ctx.cache["trained_on_cpu"]
     assert gc.trained(ctx) == (prepared, converted)  # built once
+    # on that model, the whole-model part's GPU branch (every variant built and timed) runs with
+    # torch's packing call replaced by the identity, in bfloat16 (what the 2:4 path takes)
+    monkeypatch.setattr(export, "_sparse_from_dense", lambda cls, weight: weight)
+    monkeypatch.setattr(export, "_require_cuda", lambda model: None)
+    monkeypatch.setattr(gc, "kernels_here", lambda ctx: {"cusparselt": None, "cutlass": "not here"})
+    bf16 = dataclasses.replace(gc.DRY, dtypes=(torch.bfloat16,))
+    deadline = gc.Deadline(time.monotonic() + 600)
+    ctx = gc.Context(bf16, False, torch.device("cpu"), tmp_path, deadline, ctx.cache)
+    ctx.cache["layer_runs"] = [{"dtype": "torch.bfloat16", "batch": 2, "rows": [
+        {"layers": ["layer1.0.conv1"], "sparse": {"cusparselt": {"ms": 1.0, "speedup": 2.0}}}]}]
+    rec: dict = {}
+    gc.part_e2e(ctx, rec)
+    (row,) = rec["runs"]
+    variants = ("dense", "semi_structured", "semi_structured_fused_t", "im2col_dense",
+                "semi_structured_measured")
+    assert not [k for k in row if k.endswith("_raised")], row
+    assert all(row[f"{v}_ms"] > 0 for v in variants) and row["measured_faster_layers"] == 1
