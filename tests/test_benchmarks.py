@@ -206,7 +206,7 @@ def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path
     assert "| pytest -m gpu | 6 passed in 9s | all pass | yes |" in short
 
 
-def test_gpu_check_trains_on_the_cpu_when_training_on_the_gpu_fails_and_e2e_runs_every_variant(tmp_path, monkeypatch):
+def test_gpu_check_trains_on_cpu_if_the_gpu_fails_and_e2e_runs_every_variant(tmp_path, monkeypatch):
     """The kernel parts share one trained model: a failure of the (never run) CUDA mask code must
     not take them down with it."""
     gc = _load_gpu_check(monkeypatch)
