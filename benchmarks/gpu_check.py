@@ -91,7 +91,7 @@ class OutOfTime(Exception):
 
 @dataclass(frozen=True)
 class Sizes:
-    model: str  # torchvision classifier
+    model: str  # a torchvision classifier, or "resnet10" (ResNet-18 with one block per stage)
     batches: tuple[int, ...]
     size: int
     dtypes: tuple[torch.dtype, ...]
@@ -126,7 +126,7 @@ GPU = Sizes(
     cpu_reps=0,
 )
 DRY = Sizes(
-    model="resnet18",
+    model="resnet10",
     batches=(2,),
     size=32,
     dtypes=(torch.float32,),
@@ -246,6 +246,16 @@ def randn(ctx: Context, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 # --------------------------------------------------------------------------- models
+def build(name: str) -> nn.Module:
+    """A torchvision classifier by name; "resnet10" is the dry run's: every layer kind ResNet-50
+    has except the bottleneck's 1×1 convs, at half ResNet-18's cost."""
+    if name == "resnet10":
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        return ResNet(BasicBlock, [1, 1, 1, 1])
+    return torchvision.models.get_model(name)
+
+
 def trained(ctx: Context) -> tuple[nn.Module, nn.Module]:
     """(prepared, converted) ResNet-50 at 2:4 after a few SGD steps and fresh BN statistics,
     float32, on the device; built once and shared by the parts. Should training on the GPU fail
@@ -266,7 +276,7 @@ def trained(ctx: Context) -> tuple[nn.Module, nn.Module]:
 
 def _train_and_convert(s: Sizes, device: torch.device) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    prepared = spre_fx.prepare(torchvision.models.get_model(s.model).to(device))
+    prepared = spre_fx.prepare(build(s.model).to(device))
     opt = torch.optim.SGD(prepared.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     sched = spre_fx.MaskScheduler(prepared, opt)
     prepared.train()
@@ -898,7 +908,7 @@ def part_train(ctx: Context, rec: dict) -> None:
     s = ctx.sizes
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    base = torchvision.models.get_model(s.model).to(ctx.device, memory_format=CL)
+    base = build(s.model).to(ctx.device, memory_format=CL)
     models = {"dense": base, "nm": spre_fx.prepare(base, spre=False), "spre": spre_fx.prepare(base)}
     macs = {
         k: training_macs(m, torch.randn(1, 3, s.size, s.size, device=ctx.device)) for k, m in models.items()
