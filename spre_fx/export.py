@@ -133,8 +133,12 @@ class SemiStructuredConv2d(nn.Module):
     `[O, kh, kw, C]` order of the N:M groups; it may be dense or a `torch.sparse`
     semi-structured tensor. The input is viewed as NHWC (no copy for a channels_last input),
     zero-padded, its patches gathered in the same (kh, kw, C) order, and
-    `F.linear(patches, weight, bias)` gives `[N·Ho·Wo, O]`, returned as an NCHW-shaped view
-    (channels_last in memory, so the next such conv reads it without a copy).
+    `F.linear(patches, weight, bias)` gives `[N·Ho·Wo, O]`, returned as an NCHW-shaped view.
+    With a dense weight that is channels_last memory (the next such conv reads it without a
+    copy). torch's cuSPARSELt tensor computes `W·patchesᵀ`, `[O, N·Ho·Wo]`, and returns its
+    transpose, so the view's memory is `[O, N, Ho, Wo]`, unless the packed weight has
+    `fuse_transpose_cusparselt = True` (the kernel then writes `[N·Ho·Wo, O]`; read from torch
+    2.11's source, timed by benchmarks/gpu_check.py, not run here).
     """
 
     def __init__(
@@ -178,28 +182,40 @@ class SemiStructuredConv2d(nn.Module):
         w = w.to_dense() if _is_packed(w) else w
         return w.reshape(self.out_channels, *self.kernel_size, self.in_channels).permute(0, 3, 1, 2)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def output_size(self, input: Tensor) -> tuple[int, int]:
+        """(Ho, Wo) of the conv's output for `input` `[N, C, H, W]` (ValueError on a wrong shape)."""
         if input.dim() != 4 or input.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input [N, {self.in_channels}, H, W], found shape {tuple(input.shape)}"
             )
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        dh, dw = self.dilation
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        lw, rw, th, bh = self.padding
+        h, w = input.shape[2] + th + bh, input.shape[3] + lw + rw
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"input {tuple(input.shape)} is smaller than the dilated kernel")
+        return ho, wo
+
+    def im2col(self, input: Tensor) -> Tensor:
+        """The GEMM input `[N·Ho·Wo, kh·kw·C]` of `input`, in the weight's (kh, kw, C) order: a
+        view for a stride-1 1×1 conv on a channels_last input, else one strided gather (a copy)."""
+        ho, wo = self.output_size(input)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         x = input.permute(0, 2, 3, 1)  # NHWC view
         if any(self.padding):
             lw, rw, th, bh = self.padding
             x = F.pad(x, (0, 0, lw, rw, th, bh))
-        n, h, w, c = x.shape
-        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-        if ho <= 0 or wo <= 0:
-            raise ValueError(f"input {tuple(input.shape)} is smaller than the dilated kernel")
+        n, _, _, c = x.shape
         s_n, s_h, s_w, s_c = x.stride()
         patches = x.as_strided(
             (n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c), x.storage_offset()
         )
-        y = F.linear(patches.reshape(n * ho * wo, kh * kw * c), self.weight, self.bias)
-        return y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        return patches.reshape(n * ho * wo, kh * kw * c)
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = F.linear(self.im2col(input), self.weight, self.bias)
+        ho, wo = self.output_size(input)
+        return y.reshape(input.shape[0], ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         kind = type(self.weight).__name__ if _is_packed(self.weight) else "dense"

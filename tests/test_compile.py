@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import spre_fx
 
 from .nets import TinyNet, tiny_input
+
+# Seen on torch 2.11.0: Inductor cannot lower the mask code's bool -> uint8 views ("torch.bool is
+# not supported by torch.iinfo"); 2.12.1, 2.13.0 and 2.14.1 pass.
+pytestmark = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
+    reason=f"torch.compile of prepared models needs torch >= 2.12 (found {torch.__version__}): Inductor "
+    "in 2.11 cannot lower a bool tensor viewed as uint8",
+)
 
 
 def _train(model, opt, x, steps):

@@ -128,6 +128,21 @@ def test_im2col_rejects_what_it_cannot_compute():
         SemiStructuredConv2d.from_conv(nn.Conv2d(4, 4, 5))(torch.randn(1, 4, 3, 3))
 
 
+def test_im2col_gathers_only_when_it_must():
+    """A stride-1 1×1 conv reads a channels_last input in place; any other conv gathers a copy,
+    each row one window in (kh, kw, C) order with zero padding (what gpu_check times alone)."""
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
+    point = SemiStructuredConv2d.from_conv(nn.Conv2d(8, 16, 1))
+    assert point.im2col(x).data_ptr() == x.data_ptr()
+    assert point.output_size(x) == (5, 5)
+    col = SemiStructuredConv2d.from_conv(nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    patches = col.im2col(x)
+    assert col.output_size(x) == (3, 3)
+    assert patches.shape == (2 * 3 * 3, 3 * 3 * 8) and patches.data_ptr() != x.data_ptr()
+    window = F.pad(x, (1, 1, 1, 1))[1, :, 2:5, 4:7]  # sample 1, output (1, 2): rows 2-4, cols 4-6
+    assert torch.equal(patches[9 + 1 * 3 + 2], window.permute(1, 2, 0).reshape(-1))
+
+
 # --------------------------------------------------------------------------- packing (CPU helpers)
 def _conversions():
     module = "torch.sparse._semi_structured_conversions"
