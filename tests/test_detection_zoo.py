@@ -30,6 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
+import os
+import resource
 import time
 import types
 import warnings
@@ -343,9 +347,8 @@ def _spre_detector(model: nn.Module) -> nn.Module:
 def _mmdet_batch(model: nn.Module, size: int, training: bool, masks: bool = False) -> dict:
     from mmdet.testing import demo_mm_inputs
 
-    batch = 1 if size > SIZE else 2  # SSD300's VGG-16 at 300x300 is slow
-    packed = demo_mm_inputs(batch, (3, size, size), num_items=[3] * batch, num_classes=NUM_CLASSES,
-                            with_mask=masks)
+    # Batch 2 also for SSD300 at 300x300: with one image, its loss went to inf at the second step.
+    packed = demo_mm_inputs(2, (3, size, size), num_items=[3, 3], num_classes=NUM_CLASSES, with_mask=masks)
     return model.data_preprocessor(packed, training)
 
 
@@ -400,11 +403,27 @@ MMDET_CASES = [
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread: the xdist workers share the cores, and small convs are faster so."""
+    """One torch thread: the xdist workers share the cores, and small convs are faster so. After
+    each case, freed memory goes back to the system (a worker runs a dozen 20-60M-parameter
+    models; one grew past 5 GiB and was OOM-killed on a shared 24 GiB machine)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
+
+
+def _rss_gib() -> str:
+    """Current and peak resident memory of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        now = float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return f"RSS {now:.1f} GiB (peak {peak:.1f})"
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -566,7 +585,8 @@ def check_model(case: Case) -> None:
     }
     spre = {lr.name for lr in rep.layers if lr.treatment == "spre"}
     print(f"  spre {len(spre)}, run-time k×k conv -> trainable BatchNorm pairs {len(expected)}, "
-          f"all run-time conv -> norm pairs {len(pairs)}; cpu {time.process_time() - cpu0:.1f}s")
+          f"all run-time conv -> norm pairs {len(pairs)}; cpu {time.process_time() - cpu0:.1f}s, "
+          + _rss_gib())
     assert spre == expected, (
         f"SpRe on {sorted(spre - expected)[:5]} (no trainable pair at run time); missing on "
         + ", ".join(f"{n} ({plan[n].reason})" for n in sorted(expected - spre)[:5]))
