@@ -52,8 +52,10 @@ class BNStats(NamedTuple):
     bias: Tensor | None
 
     @classmethod
-    def of(cls, bn: _BatchNorm) -> BNStats:
-        if bn.running_mean is None or bn.running_var is None:
+    def of(cls, bn: nn.Module) -> BNStats:
+        """Read from a `_BatchNorm`, or any norm holding the same state under the same names
+        (torchvision's FrozenBatchNorm2d: buffers `weight`, `bias`, `running_*`, and `eps`)."""
+        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
             raise ValueError("a BatchNorm without running statistics cannot be folded")
         return cls(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
 
@@ -341,9 +343,7 @@ class _SpReNormMixin:
         new._spre_orig_cls = type(bn)
         new._spre_norm_spec = spec
         new.rep = _fresh_norm(bn)
-        new.rep.train(bn.training)
-        if bn.weight is not None:  # a frozen BN (e.g. mmdet frozen_stages) freezes its branch too
-            new.rep.requires_grad_(bn.weight.requires_grad)
+        new.rep.train(bn.training)  # discovery gives no branch to a BatchNorm that does not train
         if silent and new.rep.weight is not None:
             with torch.no_grad():
                 new.rep.weight.zero_()

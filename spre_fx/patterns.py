@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .compare import modes_restored
 from .config import SpReConfig
-from .registry import is_leaf_class, leaf_functions, norm_spec
+from .registry import is_leaf_class, is_norm, leaf_functions, norm_spec
 
 __all__ = ["LayerPlan", "Plan", "SpReTracer", "discover"]
 
@@ -63,13 +62,14 @@ class Plan:
 
 
 class SpReTracer(fx.Tracer):
-    """fx tracer that keeps convs, linears, BatchNorms (subclasses too) and registered leaves whole."""
+    """fx tracer that keeps convs, linears, norms (BatchNorm subclasses, registered norms such as
+    FrozenBatchNorm2d) and registered leaves whole."""
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=leaf_functions())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_ConvNd, nn.Linear, _BatchNorm)) or is_leaf_class(type(m)):
+        if isinstance(m, (_ConvNd, nn.Linear)) or is_norm(m) or is_leaf_class(type(m)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -88,6 +88,8 @@ class _Flow:
     follows: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     # module -> another name of it, outside every traced graph: calls through it are not counted
     unseen_alias: dict[str, str] = field(default_factory=dict)
+    # norms in eval mode right after `model.train(True)` (mmdet's norm_eval=True, frozen stages)
+    idle_norms: set[str] = field(default_factory=set)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -137,7 +139,7 @@ def _trace_graphs(
     except Exception as err:  # fx raises many types; every one means "trace the children"
         failures.append((prefix or "<model>", f"{type(err).__name__}: {err}".splitlines()[0][:200]))
     for name, child in root.named_children():
-        if isinstance(child, (_ConvNd, nn.Linear, _BatchNorm)) or is_leaf_class(type(child)):
+        if isinstance(child, (_ConvNd, nn.Linear)) or is_norm(child) or is_leaf_class(type(child)):
             continue  # nothing to pair inside a leaf; it is counted as called elsewhere
         yield from _trace_graphs(child, _join(prefix, name), None, failures)
 
@@ -189,7 +191,7 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]], canonical: 
             name = canonical[_join(prefix, node.target)]
             flow.calls[name] += 1
             mod = modules[name]
-            if not _is_layer(mod) and not isinstance(mod, _BatchNorm):
+            if not _is_layer(mod) and not is_norm(mod):
                 # fx does not see how it uses them
                 for sub, _ in mod.named_modules(prefix=name, remove_duplicate=False):
                     if sub != name:
@@ -201,7 +203,7 @@ def _read_flow(model: nn.Module, graphs: list[tuple[str, fx.Graph]], canonical: 
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module":
                 bn_name = canonical[_join(prefix, users[0].target)]
-                if isinstance(modules.get(bn_name), _BatchNorm):
+                if is_norm(modules.get(bn_name)):
                     if users[0].args == (node,) and not users[0].kwargs:
                         flow.follows[name] = (bn_name, None)
                     else:
@@ -291,6 +293,8 @@ def _flows(model: nn.Module, concrete_args, failures) -> list[_Flow]:
             graphs = list(_trace_graphs(model, "", concrete_args, failures if training else []))
             flow = _read_flow(model, graphs, canonical)
             flow.unseen_alias = _unseen_aliases(canonical, [p for p, _ in graphs])
+            if training:
+                flow.idle_norms = {n for n, m in model.named_modules() if is_norm(m) and not m.training}
             flows.append(flow)
     _check_no_proxies(model)
     return flows
@@ -337,11 +341,30 @@ def _pair(conv: str, flows: list[_Flow], modules: dict[str, nn.Module]) -> tuple
     other_dims = [n for c, n in _NORM_FOR_CONV.items() if c is not base]
     if isinstance(norm, tuple(other_dims)):  # dimension-agnostic norms (SyncBN, _BatchNormXd) pass
         return None, f"'{bn}' ({class_name(type(norm))}) does not match a {base.__name__}"
-    if norm.num_features != layer.out_channels:
-        return None, f"'{bn}' has {norm.num_features} features, the conv {layer.out_channels} outputs"
-    if norm.running_mean is None:
+    if getattr(norm, "running_mean", None) is None:
         return None, f"'{bn}' keeps no running statistics, so it cannot be folded"
+    if norm.running_mean.numel() != layer.out_channels:
+        return None, f"'{bn}' has {norm.running_mean.numel()} features, the conv {layer.out_channels} outputs"
     return bn, ""
+
+
+def _frozen(conv: nn.Module, bn: str, norm: nn.Module, flows: list[_Flow]) -> str:
+    """Why a conv→BN pair gets no SpRe branch because something in it does not train ('' if all does).
+
+    The branch adds a trainable weight and its own BatchNorm: on a conv whose weight is frozen it
+    would add a fixed random term to the frozen features, and it needs a BatchNorm that trains.
+    """
+    tail = "SpRe's branch needs a BatchNorm that trains; plain N:M, folded at convert"
+    if not conv.weight.requires_grad:
+        return f"weight does not train (frozen, requires_grad=False): plain N:M, '{bn}' folded at convert"
+    if norm_spec(norm).frozen:
+        return f"BatchNorm '{bn}' is frozen ({type(norm).__qualname__}): {tail}"
+    if any(bn in f.idle_norms for f in flows):
+        return (f"BatchNorm '{bn}' stays in eval mode while the model trains (mmdet: norm_eval=True): "
+                f"{tail} (norm_eval=False gets one)")
+    if any(not p.requires_grad for p in (norm.weight, norm.bias) if p is not None):
+        return f"BatchNorm '{bn}' is frozen (its affine parameters have requires_grad=False): {tail}"
+    return ""
 
 
 def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, shared: set[str]) -> str:
@@ -433,7 +456,9 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
         elif kind == "linear":
             treatment, reason = NM, "linear layer: plain N:M"
         elif bn is not None and k_by_k and config.spre:
-            treatment, reason = SPRE, f"k×k conv followed by BatchNorm '{bn}'"
+            frozen = _frozen(m, bn, modules[bn], flows)
+            treatment = NM if frozen else SPRE
+            reason = f"no SpRe branch: {frozen}" if frozen else f"k×k conv followed by BatchNorm '{bn}'"
         elif bn is not None and k_by_k:
             treatment, reason = NM, "spre=False: plain N:M (SR-STE)"
         elif bn is not None and spatial:

@@ -1,4 +1,4 @@
-"""What fx must not enter, and how each kind of BatchNorm is split around the SpRe sum.
+"""What fx must not enter, and how each kind of BatchNorm is split around the SpRe sum (or only folded).
 
 Users and integrations extend both tables; the core never special-cases a model family.
 Classes may be named by their qualified name (a string), so that the core knows about
@@ -20,6 +20,7 @@ __all__ = [
     "register_leaf_function",
     "register_norm",
     "is_leaf_class",
+    "is_norm",
     "leaf_functions",
     "norm_spec",
 ]
@@ -69,10 +70,13 @@ class NormSpec:
     post: applied to the *sum* of the two SpRe branches (e.g. timm's BatchNormAct2d runs its
         dropout and activation there), `post(module, y) -> y`.
     after_fold: what replaces the module once its affine part is folded into the conv.
+    frozen: the norm never trains (torchvision's FrozenBatchNorm2d): folded at convert, but its
+        conv gets plain N:M, since SpRe's branch needs a BatchNorm that trains.
     """
 
     post: Callable[[nn.Module, Tensor], Tensor]
     after_fold: Callable[[nn.Module], nn.Module]
+    frozen: bool = False
 
 
 def _identity_post(module: nn.Module, y: Tensor) -> Tensor:
@@ -96,6 +100,13 @@ _NORMS: dict[str, NormSpec] = {
     # timm's norm+act layers: F.batch_norm, then self.drop, then self.act.
     "timm.layers.norm_act.BatchNormAct2d": NormSpec(_act_post, _act_after_fold),
     "timm.layers.norm_act.SyncBatchNormAct": NormSpec(_act_post, _act_after_fold),
+    # How torchvision builds every pretrained detection backbone: fixed statistics and affine
+    # buffers, `x * scale + shift`; no _BatchNorm subclass.
+    "torchvision.ops.misc.FrozenBatchNorm2d": NormSpec(_identity_post, _identity_after_fold, frozen=True),
+    # mmdet's `norm_cfg=dict(type='FrozenBN')`: the same state; its forward branches on
+    # `x.requires_grad`, which fx cannot trace.
+    "mmdet.models.layers.brick_wrappers.FrozenBatchNorm2d": NormSpec(
+        _identity_post, _identity_after_fold, frozen=True),
 }
 # The stock forwards, whose semantics the train-time module reproduces.
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
@@ -104,21 +115,34 @@ _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 def register_norm(
     cls: type | str,
     *,
-    post: Callable[[nn.Module, Tensor], Tensor],
-    after_fold: Callable[[nn.Module], nn.Module],
+    post: Callable[[nn.Module, Tensor], Tensor] = _identity_post,
+    after_fold: Callable[[nn.Module], nn.Module] = _identity_after_fold,
+    frozen: bool = False,
 ) -> None:
-    """Declare a BatchNorm subclass whose forward is `post(module, batch_norm(x))`."""
-    _NORMS[_qualname(cls)] = NormSpec(post, after_fold)
+    """Declare a norm class whose forward is `post(module, batch_norm(x))`.
+
+    A class that is no `_BatchNorm` must hold BatchNorm's state under its names (`weight`,
+    `bias`, `running_mean`, `running_var`, `eps`); `frozen=True` says it never trains, so its
+    convs are folded but get no SpRe branch (torchvision's FrozenBatchNorm2d is built in).
+    """
+    _NORMS[_qualname(cls)] = NormSpec(post, after_fold, frozen)
 
 
-def norm_spec(module: nn.Module) -> NormSpec | None:
-    """The split of `module`, or None when it is no BatchNorm spre_fx can pair with a conv."""
-    if not isinstance(module, _BatchNorm):
-        return None
-    cls = type(module)
+def _registered(cls: type) -> NormSpec | None:
     for c in cls.__mro__:
         if _qualname(c) in _NORMS:
             return _NORMS[_qualname(c)]
-    if cls.forward in _STOCK_FORWARDS:
-        return _PLAIN
     return None
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether `module` is a norm fx keeps whole: any `_BatchNorm`, or a registered norm class."""
+    return isinstance(module, _BatchNorm) or _registered(type(module)) is not None
+
+
+def norm_spec(module: nn.Module) -> NormSpec | None:
+    """The split of `module`, or None when it is no norm spre_fx can pair with a conv."""
+    spec = _registered(type(module))
+    if spec is not None or not isinstance(module, _BatchNorm):
+        return spec
+    return _PLAIN if type(module).forward in _STOCK_FORWARDS else None

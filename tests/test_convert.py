@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import spre_fx
 from spre_fx.masks import is_nm
+from spre_fx.modules import SpReConv2d
 
 from .nets import TinyNet, tiny_input, train_steps
 
@@ -24,9 +25,35 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+try:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+except ImportError:  # the frozen-norm property test below skips, naming torchvision
+    FrozenBatchNorm2d = None
+
+
+def _norm(draw, c: int, frozen: bool) -> nn.Module:
+    """A BatchNorm2d; with `frozen`, possibly one that does not train: torchvision's
+    FrozenBatchNorm2d (random statistics, eps 0 / its default 1e-5 / 1e-3) or a BatchNorm2d whose
+    affine parameters have requires_grad=False."""
+    kind = draw(st.sampled_from(["bn", "frozen_bn", "bn_frozen_affine"] if frozen else ["bn"]))
+    if kind == "frozen_bn":
+        norm = FrozenBatchNorm2d(c, eps=draw(st.sampled_from([0.0, 1e-5, 1e-3])))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 99)))
+        norm.weight.copy_(torch.randn(c, generator=g))
+        norm.bias.copy_(torch.randn(c, generator=g))
+        norm.running_mean.copy_(torch.randn(c, generator=g))
+        norm.running_var.copy_(torch.rand(c, generator=g) + 0.1)
+        return norm
+    bn = nn.BatchNorm2d(c, affine=draw(st.booleans()))
+    if kind == "bn_frozen_affine":
+        bn.requires_grad_(False)
+    return bn
+
+
 @st.composite
-def networks(draw):
-    """Random small CNNs: conv(+BN)(+ReLU) layers with random geometry, some residual."""
+def networks(draw, frozen: bool = False):
+    """Random small CNNs: conv(+BN)(+ReLU) layers with random geometry, some residual; with
+    `frozen`, some convs' weights and some norms do not train."""
     widths = st.sampled_from([4, 6, 8, 12, 16])
     c = draw(widths)
     layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1)]
@@ -41,9 +68,11 @@ def networks(draw):
         stride = 1 if residual else draw(st.sampled_from([1, 2]))
         pad = dilation * (k - 1) // 2
         conv = nn.Conv2d(c, out, k, stride, pad, dilation, groups, bias=draw(st.booleans()))
+        if frozen and draw(st.booleans()):
+            conv.requires_grad_(False)  # mmdet's frozen_stages, torchvision's trainable_layers
         body = [conv]
         if draw(st.booleans()) or residual:
-            body.append(nn.BatchNorm2d(out, affine=draw(st.booleans())))
+            body.append(_norm(draw, out, frozen))
         body.append(nn.ReLU())
         block = nn.Sequential(*body)
         if residual and k % 2 == 1:
@@ -78,6 +107,41 @@ def test_convert_is_exact_on_generated_networks(net, nm, spre, dtype, seed):
             assert not isinstance(modules[lr.norm], nn.modules.batchnorm._BatchNorm)
     if not spre:
         assert rep.count("spre") == 0
+
+
+@pytest.mark.skipif(FrozenBatchNorm2d is None, reason="needs torchvision (FrozenBatchNorm2d)")
+@settings(max_examples=25, deadline=None)
+@given(net=networks(frozen=True), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 99))
+def test_frozen_norms_and_weights_fold_exactly_without_branch(net, dtype, seed):
+    """Convs before FrozenBatchNorm2d or a frozen BatchNorm, and convs whose weight does not train,
+    are paired and folded at convert (exactly), and never get a SpRe branch."""
+    torch.manual_seed(seed)
+    net = net.to(dtype)
+    x = tiny_input(batch=3, size=10, dtype=dtype)
+    modules = dict(net.named_modules())
+    p = spre_fx.prepare(net)
+    train_steps(p, x, steps=2)
+    p.eval()
+    c = spre_fx.convert(p)
+    assert spre_fx.verify(p, c, x).output_error <= (1e-10 if dtype == torch.float64 else 1e-5)
+    prepared, converted = dict(p.named_modules()), dict(c.named_modules())
+    plan = {lp.name: lp for lp in spre_fx.report(p).layers}
+    for name, m in modules.items():
+        if not isinstance(m, nn.Conv2d) or not name.endswith(".0"):
+            continue  # the stem, which has no norm
+        norm_name = name[:-1] + "1"  # what follows the conv in its block, when it is a norm
+        norm, lp = modules.get(norm_name), plan[name]
+        if isinstance(norm, FrozenBatchNorm2d):
+            assert lp.norm == norm_name, (name, lp.reason)  # dense convs (depthwise) are folded too
+            assert isinstance(converted[norm_name], nn.Identity), "FrozenBatchNorm2d not folded"
+        frozen_norm = isinstance(norm, FrozenBatchNorm2d) or (
+            isinstance(norm, nn.BatchNorm2d) and norm.affine and not norm.weight.requires_grad)
+        if not m.weight.requires_grad or frozen_norm:
+            assert not isinstance(prepared[name], SpReConv2d), (name, lp.reason)
+            if lp.treatment == "nm" and lp.norm is not None and max(m.kernel_size) > 1:
+                want = "weight does not train" if not m.weight.requires_grad else "is frozen"
+                assert lp.reason.startswith("no SpRe branch: ") and want in lp.reason, lp.reason
 
 
 def test_converted_resnet_matches_and_keeps_class():

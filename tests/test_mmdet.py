@@ -397,32 +397,37 @@ def test_shipped_config_loads_and_builds(kind, from_dense):
     assert model.backbone.norm_eval is from_dense
     assert "Pretrained" not in str(model.backbone.init_cfg)
     plan = plan_of(model)
-    assert sum(lp.treatment == "spre" for lp in plan.layers) == 16  # the 3x3 convs of ResNet-50
+    spre = sum(lp.treatment == "spre" for lp in plan.layers)
+    # From scratch: the 3x3 convs of ResNet-50. From a dense checkpoint (frozen_stages=1,
+    # norm_eval=True): no BatchNorm trains, so no SpRe branch; every 3x3 conv says why.
+    assert spre == (0 if from_dense else 16)
     assert sum(lp.treatment == "dense" for lp in plan.layers) == 1  # the stem
+    if from_dense:
+        reasons = {lp.name: lp.reason for lp in plan.layers}
+        assert "weight does not train" in reasons["backbone.layer1.0.conv2"]
+        assert "norm_eval=True" in reasons["backbone.layer2.0.conv2"]
 
 
-def test_frozen_stages_and_norm_eval_keep_branch_frozen():
-    """norm_eval + frozen_stages: the frozen stage's SpRe branch BN stays in eval mode with no
-    gradient after model.train(); SyncBN in a single process becomes BN (the Runner would)."""
+def test_frozen_stages_and_norm_eval_get_no_branch():
+    """frozen_stages=1: the frozen stage's convs get plain N:M, no branch; with norm_eval=False
+    the other stages get SpRe, their branch BatchNorms train with them. SyncBN in a single
+    process becomes BN (the Runner would)."""
     from mmdet.registry import MODELS
 
     cfg = Config.fromfile(str(CONFIGS / SHIPPED["retinanet"]))
     _shrink(cfg.model.detector, "retinanet", width=16)
     sync_bn = dict(type="SyncBN", requires_grad=True)
-    cfg.model.backbone.update(frozen_stages=1, norm_eval=True, norm_cfg=sync_bn)
+    cfg.model.backbone.update(frozen_stages=1, norm_eval=False, norm_cfg=sync_bn)
     model = MODELS.build(cfg.model)
     assert type(model).__name__ == "RetinaNet"
     model.train()
     frozen, free = model.backbone.layer1[0].bn1, model.backbone.layer2[0].bn1
-    assert isinstance(frozen, SpReBatchNorm2d) and isinstance(free, SpReBatchNorm2d)
-    assert not frozen.training and not frozen.rep.training
-    assert not any(p.requires_grad for p in [*frozen.parameters(), model.backbone.layer1[0].conv1.weight_rep])
-    assert not free.rep.training  # norm_eval: every BN, SpRe branches included, in eval mode
+    assert type(frozen) is torch.nn.BatchNorm2d and not frozen.training  # no branch, still frozen
+    assert not hasattr(model.backbone.layer1[0].conv1, "weight_rep")
+    assert isinstance(free, SpReBatchNorm2d) and free.training and free.rep.training
     assert all(p.requires_grad for p in free.rep.parameters())
-    model.backbone.norm_eval = False
-    model.train()
-    assert free.training and free.rep.training
-    assert not frozen.training and not frozen.rep.training  # the frozen stage stays frozen
+    reasons = {lp.name: lp.reason for lp in plan_of(model).layers}
+    assert reasons["backbone.layer1.0.conv1"].startswith("no SpRe branch: weight does not train")
     x = torch.randn(1, 3, 64, 64)
     model.backbone(x)  # trains: the branches reach their BatchNorms
 
@@ -435,6 +440,82 @@ def test_frozen_stages_and_norm_eval_keep_branch_frozen():
     SpReHook().before_run(SimpleNamespace(model=model))
     with pytest.raises(RuntimeError, match="sync_bn"):
         SpReHook().before_run(SimpleNamespace(model=convert_sync_batchnorm(model)))
+
+
+@pytest.mark.parametrize("norm_eval", [True, False])
+def test_frozen_stage_computes_what_its_nm_counterpart_computes(norm_eval):
+    """mmdet's fine-tuning settings (frozen_stages=1, norm_eval=True) on a ResNet: prepared with
+    spre=True, the frozen stage computes exactly what it computes with spre=False (no branch adds
+    anything to its features), in training mode, before and after optimizer steps. With
+    norm_eval=True no BatchNorm trains, so no conv gets a branch; with norm_eval=False the stages
+    after the frozen one do."""
+    from mmdet.registry import MODELS
+
+    torch.manual_seed(0)
+    backbone = MODELS.build(dict(type="ResNet", depth=18, base_channels=16, frozen_stages=1,
+                                 norm_eval=norm_eval, init_cfg=None))
+    runs = {}
+    for spre in (True, False):
+        p = spre_fx.prepare(backbone, spre=spre)
+        opt = torch.optim.SGD([q for q in p.parameters() if q.requires_grad], lr=0.1)
+        runs[spre] = (p, opt, spre_fx.MaskScheduler(p, opt))
+    plan = plan_of(runs[True][0])
+    assert sum(lp.treatment == "spre" for lp in plan.layers) == (0 if norm_eval else 12)
+    for lp in plan.layers:
+        if lp.name.startswith("layer1."):
+            assert lp.reason.startswith("no SpRe branch: weight does not train"), lp.reason
+        elif norm_eval and lp.treatment == "nm" and lp.shape[-1] == 3:
+            assert "stays in eval mode while the model trains (mmdet: norm_eval=True)" in lp.reason
+    x = torch.randn(2, 3, 64, 64)
+    first = None
+    for _ in range(3):
+        outs = {}
+        for spre, (p, opt, _) in runs.items():
+            p.train()
+            outs[spre] = p(x)
+            opt.zero_grad()
+            sum(o.square().mean() for o in outs[spre]).backward()
+            opt.step()
+        assert torch.equal(outs[True][0], outs[False][0])  # stem + layer1: the frozen stage
+        first = outs[True][0] if first is None else first
+        assert torch.equal(outs[True][0], first)  # and it does not train
+        if norm_eval:
+            assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+
+
+def test_mmdet_frozen_batchnorm_is_folded_without_branch():
+    """mmdet's FrozenBN (norm_cfg=dict(type='FrozenBN')) is a norm: its convs are paired and
+    folded at convert, exactly, and get plain N:M with a reason instead of a SpRe branch."""
+    from mmdet.models.layers import FrozenBatchNorm2d
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope("mmdet"):  # 'FrozenBN' is in mmdet's registry
+        backbone = MODELS.build(dict(type="ResNet", depth=18, base_channels=16, frozen_stages=-1,
+                                     norm_cfg=dict(type="FrozenBN"), norm_eval=False, init_cfg=None))
+    g = torch.Generator().manual_seed(1)
+    for m in backbone.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    # In a Sequential: mmdet's ResNet.train() returns None, which verify's `model.eval()(x)` calls.
+    p = spre_fx.prepare(torch.nn.Sequential(backbone).double())
+    plan = plan_of(p)
+    assert not any(lp.treatment == "spre" for lp in plan.layers)
+    lp = next(lp for lp in plan.layers if lp.name == "0.layer2.0.conv1")
+    assert lp.norm == "0.layer2.0.bn1" and "is frozen (FrozenBatchNorm2d)" in lp.reason, lp.reason
+    assert sum(lp.norm is not None for lp in plan.layers) == 20  # every conv of ResNet-18
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    p.train()
+    opt = torch.optim.SGD(p.parameters(), lr=0.1)
+    sum(o.square().mean() for o in p(x)).backward()
+    opt.step()
+    p.eval()
+    c = spre_fx.convert(p)
+    assert spre_fx.verify(p, c, x).output_error <= 1e-10
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in c.modules())
 
 
 def test_options_reach_the_core():

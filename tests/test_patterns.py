@@ -510,3 +510,95 @@ def test_reasons_name_classes_by_their_public_path():
 
     assert class_name(nn.Conv2d) == "torch.nn.Conv2d"
     assert class_name(timm.layers.Linear) == "timm.layers.Linear"
+
+
+class PartlyFrozen(nn.Module):
+    """Five 3×3 conv→norm pairs: one that trains, then a conv whose weight is frozen, a BatchNorm
+    with frozen affine parameters, a BatchNorm that `train()` keeps in eval (mmdet's
+    norm_eval=True), and a norm given as `last_norm` (torchvision's FrozenBatchNorm2d)."""
+
+    def __init__(self, last_norm: nn.Module | None = None):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(5))
+        self.norms = nn.ModuleList([*(nn.BatchNorm2d(8) for _ in range(4)), last_norm or nn.BatchNorm2d(8)])
+        self.convs[1].requires_grad_(False)
+        self.norms[2].requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.norms[3].eval()  # what mmdet's ResNet.train() does with norm_eval=True
+        return self
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        return x
+
+
+def _random_frozen_bn(c: int, eps: float):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    bn = FrozenBatchNorm2d(c, eps=eps)
+    bn.weight.uniform_(0.5, 1.5)
+    bn.bias.normal_()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.1, 2.0)
+    return bn
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 1e-3])
+def test_spre_branch_only_where_conv_and_batchnorm_train(eps):
+    """A frozen conv, or a norm that does not train (frozen affine, kept in eval, FrozenBatchNorm2d),
+    gets plain N:M with its norm folded at convert, and a reason that says why; the trainable pair
+    gets SpRe. Exact in float64, also for FrozenBatchNorm2d's own eps."""
+    pytest.importorskip("torchvision", reason="needs torchvision (FrozenBatchNorm2d)")
+    torch.manual_seed(0)
+    model = PartlyFrozen(_random_frozen_bn(8, eps)).double()
+    layers = plan(model)
+    assert layers["convs.0"].treatment == "spre"
+    expected = {
+        "convs.1": "weight does not train (frozen, requires_grad=False)",
+        "convs.2": "BatchNorm 'norms.2' is frozen (its affine parameters have requires_grad=False)",
+        "convs.3": "BatchNorm 'norms.3' stays in eval mode while the model trains (mmdet: norm_eval=True)",
+        "convs.4": "BatchNorm 'norms.4' is frozen (FrozenBatchNorm2d): SpRe's branch needs a BatchNorm",
+    }
+    for name, why in expected.items():
+        lp = layers[name]
+        assert lp.treatment == "nm" and lp.norm == name.replace("convs", "norms"), (name, lp.reason)
+        assert lp.reason.startswith("no SpRe branch: " + why), lp.reason
+    x = tiny_input(dtype=torch.float64)
+    p = spre_fx.prepare(model)
+    assert [type(c).__name__ for c in p.convs] == ["SpReConv2d"] + ["NMConv2d"] * 4
+    train_steps(p, x)
+    p.eval()
+    c = spre_fx.convert(p)
+    assert spre_fx.verify(p, c, x).output_error <= 1e-10
+    assert all(isinstance(n, nn.Identity) for n in c.norms)  # FrozenBatchNorm2d folded as well
+    assert all(plan(model, spre=False)[n].reason == "spre=False: plain N:M (SR-STE)" for n in expected)
+
+
+def test_frozen_conv_computes_what_its_nm_counterpart_computes():
+    """No silent extra term: with spre=True a frozen conv (and its norm) computes what it computes
+    with spre=False, bit for bit, in training mode, before and after optimizer steps."""
+    torch.manual_seed(0)
+    model = PartlyFrozen()
+    runs = {}
+    for spre in (True, False):
+        p = spre_fx.prepare(model, spre=spre).train()
+        opt = torch.optim.SGD(p.parameters(), lr=0.1)
+        runs[spre] = (p, opt, spre_fx.MaskScheduler(p, opt))
+    y = torch.relu(torch.randn(2, 8, 12, 12))
+    with torch.no_grad():
+        pair = {spre: p.norms[1](p.convs[1](y)) for spre, (p, _, _) in runs.items()}
+    assert torch.equal(pair[True], pair[False])
+    for _ in range(2):
+        for p, opt, _ in runs.values():
+            opt.zero_grad()
+            p(tiny_input()).square().mean().backward()
+            opt.step()
+        with torch.no_grad():  # the norm after it trains (differently in each model); the conv does not
+            conv = {spre: p.convs[1](y) for spre, (p, _, _) in runs.items()}
+        assert torch.equal(conv[True], conv[False])
+        assert torch.equal(runs[True][0].convs[1].weight, model.convs[1].weight)

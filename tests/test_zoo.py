@@ -11,7 +11,7 @@ Per model, on a tiny input (batch 2, the smallest size the architecture accepts,
   - N:M coverage: >= 95% of the weight elements of the N:M-eligible convs (stock nn.Conv2d,
     in-channels per group a multiple of 4, not the stem) sit in layers that are exactly 2:4;
   - SpRe coverage against an fx-free count: k×k conv -> BatchNorm pairs seen at run time with
-    forward hooks and the autograd graph (see `_runtime_conv_bn_pairs`). Every SpRe layer must be
+    forward hooks and the autograd graph (tests/runtime_pairs.py). Every SpRe layer must be
     such a pair; where every eligible k×k conv is one (ResNet, RegNet, MobileNet, EfficientNet,
     ...), SpRe must cover them all.
 
@@ -30,7 +30,6 @@ import resource
 import tempfile
 import time
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,8 @@ from torch.overrides import TorchFunctionMode
 
 import spre_fx
 from spre_fx.masks import is_nm
+
+from .runtime_pairs import runtime_conv_norm_pairs, tensors
 
 try:
     import fcntl
@@ -260,17 +261,6 @@ def _one_huge_model_at_a_time(count: int | None) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def _snapshot(model: nn.Module) -> tuple:
     """Module names, classes and training flags, and a copy of the state_dict."""
     structure = [(name, type(m), m.training) for name, m in model.named_modules()]
@@ -300,81 +290,6 @@ def _eligible_convs(model: nn.Module, stem: str | None) -> dict[str, nn.Conv2d]:
     }
 
 
-def _consumers(outputs: Any) -> Counter:
-    """How many times each autograd node is used as an input by another node of the graph."""
-    uses: Counter = Counter()
-    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
-    seen = set(stack)
-    while stack:
-        node = stack.pop()
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            uses[nxt] += 1
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return uses
-
-
-def _pairs_in_mode(model: nn.Module, x: torch.Tensor, training: bool) -> dict[str, str | None]:
-    """Every Conv2d called in this mode -> the BatchNorm it exclusively feeds (None if none)."""
-    conv_node: dict[str, Any] = {}
-    bn_input: dict[str, Any] = {}
-    calls: Counter = Counter()
-
-    def on_conv(name):
-        def hook(_m, _inp, out):
-            calls[name] += 1
-            conv_node[name] = out.grad_fn if isinstance(out, torch.Tensor) else None
-        return hook
-
-    def on_bn(name):
-        def hook(_m, inp):
-            calls[name] += 1
-            bn_input[name] = inp[0].grad_fn if inp and isinstance(inp[0], torch.Tensor) else None
-        return hook
-
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(on_conv(name)))
-        elif isinstance(m, _BatchNorm):
-            handles.append(m.register_forward_pre_hook(on_bn(name)))
-    try:
-        model.train(training)
-        with torch.enable_grad():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    uses = _consumers(out)
-    node_to_bn = {id(node): bn for bn, node in bn_input.items() if node is not None and calls[bn] == 1}
-    pairs: dict[str, str | None] = {}
-    for conv, node in conv_node.items():
-        bn = node_to_bn.get(id(node)) if node is not None and calls[conv] == 1 else None
-        pairs[conv] = bn if bn is not None and uses[node] == 1 else None
-    return pairs
-
-
-def _runtime_conv_bn_pairs(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
-    """conv -> BatchNorm pairs seen at run time, in training and in eval mode, without fx.
-
-    Forward hooks record each Conv2d's output and each BatchNorm's input; a pair is a conv
-    called once whose output tensor is, unmodified (same autograd node), the input of a
-    BatchNorm called once, and used by nothing else (the autograd graph has one consumer of
-    the conv's node). A conv must pair with the same BatchNorm in every mode it runs in.
-    Runs forwards in training mode too: call it on a model whose state no longer matters.
-    """
-    modes = [_pairs_in_mode(model, x, training) for training in (True, False)]
-    result = {}
-    for conv in set(modes[0]) | set(modes[1]):
-        bns = {mode[conv] for mode in modes if conv in mode}
-        if len(bns) == 1 and None not in bns:
-            result[conv] = bns.pop()
-    return result
-
-
 @pytest.fixture
 def one_thread_per_worker():
     """Under pytest-xdist, one torch thread per worker: the workers share the cores."""
@@ -399,7 +314,7 @@ def _train_step(p: nn.Module, x: torch.Tensor) -> None:
     out = p(x)
     gen = torch.Generator().manual_seed(1)
     loss = sum((t.float() * torch.randn(t.shape, generator=gen)).mean()
-               for t in _tensors(out) if t.is_floating_point())
+               for t in tensors(out) if t.is_floating_point())
     assert torch.isfinite(loss), f"training loss is {loss}"
     loss.backward()
     del out, loss
@@ -478,7 +393,7 @@ def _check_model(arch: Arch) -> None:
     times["verify"] = time.perf_counter() - t
     with torch.no_grad():
         for tag, net in (("prepared", p), ("converted", c)):
-            outs = [o for o in _tensors(net(x_eval)) if o.is_floating_point()]
+            outs = [o for o in tensors(net(x_eval)) if o.is_floating_point()]
             bad = [tuple(o.shape) for o in outs if not o.isfinite().all()]
             assert not bad, f"the {tag} model gives non-finite outputs {bad} (verify does not see NaN)"
 
@@ -525,7 +440,7 @@ def _check_model(arch: Arch) -> None:
             print(f"  no SpRe: {lr.name} {lr.shape}: {lr.reason[:150]}")
     kxk = {n for n, m in eligible.items() if max(m.kernel_size) > 1}
     del p, c
-    pairs = _runtime_conv_bn_pairs(model, x_eval)  # runs the input model in training mode: last
+    pairs = runtime_conv_norm_pairs(model, lambda m: m(x_eval))  # runs the input model in training mode: last
     runtime_pairs = kxk & set(pairs)
     premise = kxk <= runtime_pairs
     print(f"  spre {len(spre)}, eligible k×k {len(kxk)}, run-time k×k conv->BN pairs {len(runtime_pairs)}")

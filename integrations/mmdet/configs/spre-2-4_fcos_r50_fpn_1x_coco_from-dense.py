@@ -1,8 +1,10 @@
-# FCOS-R50-FPN (GN head), SpRe 2:4, fine-tuned from mmdet's dense caffe-style FCOS (1x COCO,
-# 36.6 box AP): the caffe backbone style and input normalisation of that checkpoint come back.
-# Its BatchNorms were frozen (requires_grad=False); a frozen BatchNorm freezes its SpRe branch
-# too, which would leave the branch dead, so here their affine parameters train (statistics stay
-# frozen with norm_eval=True).
+# FCOS-R50-FPN (GN head), 2:4, fine-tuned from mmdet's dense caffe-style FCOS (1x COCO,
+# 36.6 box AP): the caffe backbone style and input normalisation of that checkpoint come back;
+# the BatchNorms' affine parameters train (requires_grad=True, from the scratch config).
+# With mmdet's fine-tuning settings (frozen_stages=1, norm_eval=True) no backbone BatchNorm
+# trains, and SpRe's branch needs one that does: every backbone conv gets plain 2:4 (SR-STE),
+# folded at deploy (spre_report.txt says why per layer). norm_eval=False (with SyncBN) gives
+# stages 2-4 SpRe branches, which silent_branch=True then starts at gamma = 0.
 _base_ = './spre-2-4_fcos_r50_fpn_1x_coco.py'
 
 model = dict(

@@ -7,7 +7,10 @@ model = dict(
     # Every SpRe branch BatchNorm starts at gamma = 0 (SpReHook re-applies it after mmengine's
     # init), so the first step computes the 2:4 projection of the dense detector.
     silent_branch=True,
-    # mmdet's fine-tuning settings for a pretrained backbone.
+    # mmdet's fine-tuning settings for a pretrained backbone. With norm_eval=True no backbone
+    # BatchNorm trains, and SpRe's branch needs one that does: every backbone conv gets plain 2:4
+    # (SR-STE), folded at deploy (spre_report.txt says why per layer). norm_eval=False (with
+    # SyncBN) gives stages 2-4 SpRe branches; the frozen stage 1 stays plain 2:4 either way.
     backbone=dict(frozen_stages=1, norm_eval=True),
 )
 
