@@ -29,7 +29,7 @@ from spre_fx.masks import is_nm  # noqa: E402
 from spre_fx.modules import SpReBatchNorm2d  # noqa: E402
 from spre_fx.prepare import plan_of  # noqa: E402
 
-from ._dist import end_worker, free_port  # noqa: E402
+from ._dist import end_worker, rendezvous  # noqa: E402
 
 pytestmark = pytest.mark.mmdet
 
@@ -322,15 +322,14 @@ def test_from_dense_checkpoint_starts_as_its_nm_projection(coco, tmp_path):
 
 
 # --------------------------------------------------------------------------- DDP
-def _ddp_worker(rank: int, world: int, port: int, data: str, work_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, init_method: str, data: str, work_dir: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # mmengine's pytorch launcher calls torch.cuda.set_device, which fails without a GPU: the
     # process group is made here, and the Runner (launcher='pytorch') runs inside it.
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     cfg = tiny_config("retinanet", Path(data), Path(work_dir), max_iters=2, width=16)
     cfg.launcher = "pytorch"
     # CPU modules take no device_ids (the Runner passes [LOCAL_RANK] unless the config says otherwise)
@@ -361,7 +360,7 @@ def test_ddp_two_cpu_processes(coco, tmp_path):
         pytest.skip("torch.distributed with gloo is not available in this build")
     work_dir = tmp_path / "work"
     work_dir.mkdir()
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(coco), str(work_dir)), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, rendezvous(tmp_path), str(coco), str(work_dir)), nprocs=2,
                        join=True, start_method="spawn")
     for rank in range(2):
         res = torch.load(work_dir / f"rank{rank}.pt")
