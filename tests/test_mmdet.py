@@ -175,12 +175,6 @@ def _spre_hook(runner):
     return next(h for h in runner.hooks if isinstance(h, SpReHook))
 
 
-def _tensor_batch(runner):
-    """One preprocessed test batch (inputs and data samples) for mode='tensor' comparisons."""
-    batch = next(iter(runner.test_dataloader))
-    return runner.model.data_preprocessor(batch, False)
-
-
 def _flat(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -227,22 +221,26 @@ def _train_resume_test_deploy(kind: str, data: Path, work_dir: Path, iters: int)
     dcfg.work_dir = str(work_dir / "test_deploy")
     test_runner = Runner.from_cfg(dcfg)
     deployed_metrics = test_runner.test()
-    assert abs(deployed_metrics["coco/bbox_mAP"] - metrics["coco/bbox_mAP"]) <= 1e-3, (
-        deployed_metrics, metrics)
+    assert "coco/bbox_mAP" in deployed_metrics, deployed_metrics  # (both ~0 untrained: not compared)
     deployed, prepared = test_runner.model, runner.model
     assert type(deployed) is type(prepared) and type(deployed).__name__ == cfg.model.detector.type
     saved = torch.load(work_dir / "deploy.pth", map_location="cpu")["state_dict"]
     assert set(saved) == set(deployed.state_dict())  # the architecture matches the checkpoint
 
+    # What the metric sees, compared directly: the raw head outputs on every test image.
     prepared.eval()
     deployed.eval()
-    data_batch = _tensor_batch(runner)
-    with torch.no_grad():
-        want = _flat(prepared(**data_batch, mode="tensor"))
-        got = _flat(deployed(**data_batch, mode="tensor"))
-    assert len(want) == len(got)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
+    images = 0
+    for batch in runner.test_dataloader:
+        data_batch = runner.model.data_preprocessor(batch, False)
+        images += len(data_batch["data_samples"])
+        with torch.no_grad():
+            want = _flat(prepared(**data_batch, mode="tensor"))
+            got = _flat(deployed(**data_batch, mode="tensor"))
+        assert len(want) == len(got) > 0
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
+    assert images == len(runner.test_dataloader.dataset)
     plan = plan_of(deployed, stage="converted")
     modules = dict(deployed.named_modules())
     sparse = [lp for lp in plan.layers if lp.treatment != "dense"]
