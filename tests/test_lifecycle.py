@@ -520,3 +520,18 @@ Lifecycle.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestLifecycle = Lifecycle.TestCase
+
+
+def test_report_describes_the_masks_in_force():
+    """report(prepared) after a plain-loop step shows the masks of the current weights (and
+    writes nothing into the model)."""
+    p = prepared(0).train()
+    sgd_steps(p, 1)
+    off = tuple((~p.conv.spatial_mask).nonzero()[0].tolist())  # a tap outside S ...
+    with torch.no_grad():
+        p.conv.weight[:, :, off[0], off[1]] *= 100  # ... made the densest: S moves
+    assert spatial_mask(p.conv.weight, RATE)[off]
+    before = {k: v.clone() for k, v in p.state_dict().items()}
+    layers = {lr.name: lr for lr in spre_fx.report(p).layers}
+    assert layers["conv"].spatial_mask == spatial_mask(p.conv.weight, RATE).tolist()
+    assert all(torch.equal(before[k], v) for k, v in p.state_dict().items())
