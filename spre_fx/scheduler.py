@@ -127,19 +127,18 @@ class MaskScheduler:
         per_layer = {}
         if move_nm:
             self._set_warmup(False)
-        for name, m in self._moving():
-            if move_nm:
-                old = m.nm_mask.clone() if track else None
-                m.update_masks(("nm_mask",))
-                if track:
-                    flips += int((old != m.nm_mask).sum())
-                    total += old.numel()
-            if move_spatial and isinstance(m, SpReConv2d):
-                old_s = m.spatial_mask.clone() if track else None
-                m.update_masks(("spatial_mask",))
-                if track:
-                    spatial_changes += int((old_s != m.spatial_mask).sum())
+        for name, m in self.layers.items():
+            spatial = move_spatial and isinstance(m, SpReConv2d)
+            which = () if m.frozen else ("nm_mask",) * move_nm + ("spatial_mask",) * spatial
+            old = {k: getattr(m, k).clone() for k in which} if track else {}
+            if which:
+                m.update_masks(which)
             if track:
+                if "nm_mask" in old:
+                    flips += int((old["nm_mask"] != m.nm_mask).sum())
+                    total += m.nm_mask.numel()
+                if "spatial_mask" in old:
+                    spatial_changes += int((old["spatial_mask"] != m.spatial_mask).sum())
                 per_layer[name] = 1.0 - float(m.nm_mask.float().mean())
         if track:
             self.stats = {
