@@ -10,7 +10,7 @@
 from .config import SpReConfig
 from .convert import convert
 from .export import OnnxExport, SemiStructuredConv2d, export_onnx
-from .modules import convert_sync_batchnorm
+from .modules import convert_sync_batchnorm, freeze_masks
 from .prepare import prepare
 from .registry import register_leaf_function, register_leaf_module, register_norm
 from .report import Report, VerificationError, VerifyResult, report, verify
@@ -27,6 +27,7 @@ __all__ = [
     "report",
     "MaskScheduler",
     "MaskSchedule",
+    "freeze_masks",
     "verify",
     "Report",
     "VerifyResult",

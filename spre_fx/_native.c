@@ -138,10 +138,22 @@ static const body_fn nm_bodies[2][2][7] = {
     {NM_TABLE(strided, f32), NM_TABLE(strided, f64)},
 };
 
-/* Returns 0 on success, -1 on arguments it does not handle (M > 8). */
+/* Element strides must be non-negative; sizes too, and C > 0 (groups = C / M divides work). */
+static int bad_layout(int64_t o, int64_t c, int64_t taps, const int64_t *strides) {
+    if (!strides || o < 0 || c <= 0 || taps < 0) return 1;
+    for (int i = 0; i < 3; i++) {
+        if (strides[i] < 0) return 1;
+    }
+    return 0;
+}
+
+/* Returns 0 on success, -1 on arguments it does not handle (M > 8) or refuses (anything out of
+ * range: _native.py validates first, this is the second line). */
 int spre_nm_mask(const void *w, int is_double, uint8_t *out, int64_t o, int64_t c, int64_t taps,
                  const int64_t *wstrides, const int64_t *ostrides, int n, int m, int threads) {
-    if (m < 2 || m > 8 || n < 1 || n >= m || c % m) return -1;
+    if (m < 2 || m > 8 || n < 1 || n >= m) return -1;
+    if (!w || !out || bad_layout(o, c, taps, wstrides) || bad_layout(o, c, taps, ostrides)) return -1;
+    if (c % m) return -1;
     nm_ctx ctx = {w, out, c / m, taps, {wstrides[0], wstrides[1], wstrides[2]},
                   {ostrides[0], ostrides[1], ostrides[2]}, n};
     const int64_t *ws = wstrides, *os = ostrides;
@@ -253,9 +265,13 @@ static int bucket_bits(int64_t numel, int64_t taps) {
 }
 
 /* kept: [taps] int64; k in [1, o*c*taps]. Returns 0; 1 when the layer holds inf/NaN (not
- * handled here); -1 when out of memory. */
+ * handled here); -1 when out of memory or on arguments out of range. */
 int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
                       const int64_t *wstrides, int64_t k, int threads, int64_t *kept) {
+    if (!w || !kept || bad_layout(o, c, taps, wstrides) || o == 0 || taps == 0) return -1;
+    /* per-part histogram counts are uint32 */
+    if (o > INT64_MAX / c || o * c > INT64_MAX / taps || o * c > (int64_t)UINT32_MAX) return -1;
+    if (k < 1 || k > o * c * taps) return -1;
     const int64_t rows = o * c, key_bits = is_double ? 63 : 31;
     const uint64_t inf_key = is_double ? 0x7ff0000000000000ULL : 0x7f800000ULL;
     int parts = clamp_threads(threads);
@@ -286,7 +302,8 @@ int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_
         }
     }
     int64_t before = 0, b = 0;
-    while (before + total[b] < k) before += total[b++];
+    while (b < buckets && before + total[b] < k) before += total[b++];
+    if (b == buckets) goto done; /* cannot happen with 1 <= k <= numel; never read past total */
     ctx.bucket = b;
     for (int64_t t = 0; t < taps; t++) {
         kept[t] = 0;
@@ -304,7 +321,7 @@ int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_
     ctx.keys = malloc(sizeof(uint64_t) * (size_t)in_bucket);
     ctx.key_tap = malloc(sizeof(int64_t) * (size_t)in_bucket);
     scratch = malloc(sizeof(uint64_t) * (size_t)in_bucket);
-    if (!ctx.keys || !ctx.key_tap || !scratch) goto done;
+    if (in_bucket < 1 || k - before > in_bucket || !ctx.keys || !ctx.key_tap || !scratch) goto done;
     parallel_for(rows, parts, is_double ? sp_collect_f64 : sp_collect_f32, &ctx);
 
     memcpy(scratch, ctx.keys, sizeof(uint64_t) * (size_t)in_bucket);

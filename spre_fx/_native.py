@@ -4,8 +4,9 @@
 exactly what the torch code in masks.py computes (the tests compare the two), in one or two
 passes over the weight where the torch code takes a dozen. Without a C compiler, or with
 `SPRE_FX_NATIVE=0`, the torch code runs and a warning says so once. `backend()` tells which.
-The library is cached per source and compiler under `$SPRE_FX_CACHE` (default
-`~/.cache/spre_fx`); `CC` picks the compiler (default `cc`).
+The library is cached per source, flags and compiler (`cc --version`) under `$SPRE_FX_CACHE`
+(default `~/.cache/spre_fx`); a cached file that does not load is rebuilt. `CC` picks the
+compiler (default `cc`). Arguments are validated here before any call into C, and again in C.
 """
 
 from __future__ import annotations
@@ -39,26 +40,44 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _compiler_id(cc: list[str]) -> bytes:
+    """`cc --version`: part of the cache key, so a changed compiler builds a new library."""
+    done = subprocess.run([*cc, "--version"], capture_output=True, timeout=60)
+    if done.returncode:
+        raise OSError(f"`{' '.join(cc)} --version` failed: {done.stderr.decode(errors='replace')[-300:]}")
+    return done.stdout
+
+
+def _build(cc: list[str], lib: Path) -> None:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:  # build aside, then rename: processes of one job may build at the same time
+        cmd = [*cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise OSError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _compile() -> ctypes.CDLL:
     cc = shlex.split(os.environ.get("CC", "cc"))
     source = _SOURCE.read_bytes()
     recipe = " ".join([*cc, *_FLAGS, platform.machine()]).encode()
-    tag = hashlib.sha256(source + recipe).hexdigest()[:16]
+    tag = hashlib.sha256(source + recipe + _compiler_id(cc)).hexdigest()[:16]
     lib = _cache_dir() / f"spre_fx_native_{tag}.so"
     if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-        os.close(fd)
-        try:  # build aside, then rename: processes of one job may build at the same time
-            cmd = [*cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if done.returncode:
-                raise OSError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    dll = ctypes.CDLL(str(lib))
+        _build(cc, lib)
+    try:
+        dll = ctypes.CDLL(str(lib))
+    except OSError as e:  # a truncated or foreign file in the cache: build it again, once
+        warnings.warn(f"spre_fx: cached C mask kernels {lib} did not load ({e}); rebuilding", stacklevel=4)
+        lib.unlink(missing_ok=True)
+        _build(cc, lib)
+        dll = ctypes.CDLL(str(lib))
     vp, i64p, cint = ctypes.c_void_p, ctypes.POINTER(_I64), ctypes.c_int
     dll.spre_nm_mask.argtypes = [vp, cint, vp, _I64, _I64, _I64, i64p, i64p, cint, cint, cint]
     dll.spre_nm_mask.restype = cint
@@ -77,7 +96,7 @@ def library() -> ctypes.CDLL | None:
                 else:
                     try:
                         _state["lib"], _state["why"] = _compile(), None
-                    except (OSError, subprocess.SubprocessError) as e:
+                    except (OSError, subprocess.SubprocessError, AttributeError) as e:
                         _state["lib"], _state["why"] = None, f"not built: {e}"
                         warnings.warn(f"spre_fx: C mask kernels {_state['why']}; masks are computed "
                                       "with torch instead (same masks, slower on CPU)", stacklevel=3)
@@ -113,11 +132,36 @@ def _ready(weight: Tensor) -> ctypes.CDLL | None:
     return library()
 
 
+def _extent(t: Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses `t` reads or writes."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _disjoint(a: Tensor, b: Tensor) -> bool:
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a1 <= b0 or b1 <= a0
+
+
+def _conv_weight(weight: Tensor) -> bool:
+    """[O, C, *kernel] with C > 0 and non-negative strides: what both kernels index."""
+    return weight.dim() >= 2 and weight.shape[1] > 0 and all(s >= 0 for s in weight.stride())
+
+
 def nm_mask(weight: Tensor, n: int, m: int, out: Tensor) -> bool:
-    """Write the N:M mask of `weight` into the bool tensor `out`; False when not handled here."""
+    """Write the N:M mask of `weight` into the bool tensor `out`; False when not handled here.
+
+    Everything the C code indexes is checked first (it trusts its arguments as far as it can).
+    """
     lib = _ready(weight)
-    if lib is None or m > 8 or not _plain_cpu(out):
+    if lib is None or not 2 <= m <= 8 or not 1 <= n < m or not _conv_weight(weight):
         return False
+    if weight.shape[1] % m or not _plain_cpu(out) or out.dtype != torch.bool or out.shape != weight.shape:
+        return False
+    if torch._debug_has_internal_overlap(out) != 0 or not _disjoint(weight, out):
+        return False  # a mask element written twice, or a write into the weight being read
     wl, ol = _layout(weight), _layout(out)
     if wl is None or ol is None:
         return False
@@ -136,7 +180,9 @@ def spatial_kept(weight: Tensor, k: int) -> Tensor | None:
     """Per kernel tap, how many |w| exceed the k-th smallest |w| of the layer (1 <= k <= numel):
     the per-tap kept counts of `masks.magnitude_mask`. None when not handled here."""
     lib = _ready(weight)
-    layout = _layout(weight) if lib is not None else None
+    if lib is None or not _conv_weight(weight) or weight.dim() < 3 or not 1 <= k <= weight.numel():
+        return None
+    layout = _layout(weight)
     if layout is None:
         return None
     o, c, taps, strides = layout

@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from .export import apply_backend, check_backend
-from .modules import deploy_layer
+from .modules import deploy_layer, masks_of
 from .patterns import DENSE
 from .prepare import attach_plan, model_copy, module_aliases, plan_of, set_module
 
@@ -47,13 +47,16 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: str = "dense") 
     plan = plan_of(model, stage="prepared")
     check_backend(backend, model)
     folded = [lp for lp in plan.layers if lp.treatment != DENSE or lp.norm is not None]
+    # Taken from the input model (a copy is driven by no scheduler): stale masks of layers that
+    # follow their weights are computed afresh, out of place; held ones are used as they are.
+    masks = {lp.name: masks_of(model.get_submodule(lp.name)) for lp in folded}
     if not inplace:
         model = _copy_except(model, [n for lp in folded for n in (lp.name, lp.norm) if n])
     aliases = module_aliases(model)
     for lp in folded:
         # Looked up one at a time: a replaced layer's tensors are freed as soon as it is swapped.
         norm = model.get_submodule(lp.norm) if lp.norm else None
-        layer, replacement = deploy_layer(model.get_submodule(lp.name), norm)
+        layer, replacement = deploy_layer(model.get_submodule(lp.name), norm, masks.pop(lp.name))
         set_module(model, lp.name, layer, aliases)
         if replacement is not None:
             set_module(model, lp.norm, replacement, aliases)

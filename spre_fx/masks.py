@@ -37,6 +37,9 @@ def check_nm_shape(weight: Tensor, n: int, m: int) -> None:
     if weight.dim() < 2:
         raise ValueError(f"expected a weight of rank >= 2 ([O, C, ...]), found shape {tuple(weight.shape)}")
     c = weight.shape[1]
+    if c == 0:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has no input channels: no N:M groups to "
+                         "form (leave the layer dense, e.g. with skip=...)")
     if c % m:
         raise ValueError(f"in-channels per group ({c}) is not a multiple of M={m}")
 
@@ -75,6 +78,8 @@ def _nm_mask_torch(weight: Tensor, n: int, m: int, out: Tensor) -> None:
     if not out.is_contiguous():  # e.g. a buffer moved to channels_last
         out.copy_(nm_mask(weight, n, m))
         return
+    if weight.numel() == 0:  # no output channels or an empty kernel: nothing to rank
+        return
     o, c = weight.shape[:2]
     # [M, O, C/M, taps]: member i of every group is one contiguous block, so each
     # comparison below is a single dense pass.
@@ -112,7 +117,7 @@ def nm_violations(weight: Tensor, n: int, m: int) -> int:
 
 def is_nm(weight: Tensor, n: int, m: int) -> bool:
     """True when the channel axis divides into M-groups and each holds at most N non-zeros."""
-    if weight.dim() < 2 or weight.shape[1] % m:
+    if weight.dim() < 2 or weight.shape[1] == 0 or weight.shape[1] % m:
         return False
     return nm_violations(weight, n, m) == 0
 

@@ -38,6 +38,7 @@ __all__ = [
     "SpReConv2d",
     "SpReBatchNorm2d",
     "SpReSyncBatchNorm",
+    "freeze_masks",
 ]
 
 
@@ -117,10 +118,12 @@ def merge_spre(
 
 # --------------------------------------------------------------------------- adoption
 # Attributes spre_fx adds to an adopted module; `_restore` removes them again.
-_ADDED = ("nm", "decay", "frozen", "_mask_version", "_spre_orig_cls", "_spre_norm_spec", "_pruned_cache",
-          "_rep_mask_cache")
+_ADDED = ("nm", "decay", "_frozen", "scheduled", "dense_warmup", "_mask_key", "_spre_orig_cls",
+          "_spre_norm_spec", "_pruned_cache", "_rep_mask_cache")
 _ADDED_TENSORS = ("nm_mask", "spatial_mask", "weight_rep")
 _ADDED_CHILDREN = ("rep",)
+# Derived from the mask buffers; rebuilt on demand (a copy need not carry them).
+_CACHES = ("_pruned_cache", "_rep_mask_cache")
 
 
 def _adopt(cls: type[nn.Module], module: nn.Module) -> nn.Module:
@@ -145,14 +148,31 @@ def _restore(module: nn.Module) -> nn.Module:
     return plain
 
 
+def _weight_key(weight: Tensor) -> tuple[int, int, int]:
+    """What identifies the weight a mask was computed from: object, version counter and storage.
+
+    The version counter alone is not enough: a copy (deepcopy, pickle) restarts it at 0. The
+    storage address catches `param.data = ...` (and `.to()`, which does that).
+    """
+    ptr = weight.data_ptr() if type(weight) in (Tensor, nn.Parameter) else 0
+    return id(weight), weight._version, ptr
+
+
 # --------------------------------------------------------------------------- N:M layers (§1)
 class _NMMixin:
     """N:M view of `self.weight`: mask in a buffer, SR-STE gradient, masks that follow the weight.
 
-    In training mode the masks are recomputed when the weight has changed since they were last
-    computed (an optimizer step bumps the parameter's version counter), so a plain training loop
-    gets SR-STE's dynamic masks with one mask update per step. A `MaskScheduler` sets
-    `frozen = True` and updates masks itself.
+    Masks follow the dense latent weight unless they are held on purpose:
+    - `frozen`: the user holds them (`spre_fx.freeze_masks`);
+    - `scheduled`: a `MaskScheduler` moves them, on its optimizer steps only;
+    - `dense_warmup`: the scheduler holds the N:M mask all-ones (dense warm-up; implies scheduled).
+    Otherwise every forward (training and eval) recomputes the masks when the weight changed since
+    they were computed (`_mask_key`: the weight's identity, version and storage, None when
+    unknown), so a plain loop gets SR-STE's one update per step, and `current_masks()` (what
+    `convert` folds) computes fresh ones without writing. A copy (deepcopy, pickle) is driven by
+    no scheduler: it keeps `frozen` and follows its own weights otherwise. A state dict that
+    brings a weight but not its masks (a dense checkpoint) recomputes them at once, whatever
+    holds them; one that brings masks keeps them bit for bit.
     """
 
     weight: nn.Parameter
@@ -160,28 +180,112 @@ class _NMMixin:
     def _init_nm(self, n: int, m: int, decay: float) -> None:
         self.nm = (n, m)
         self.decay = decay
-        self.frozen = False
+        self._frozen = False
+        self.scheduled = False
+        self.dense_warmup = False
         self.register_buffer("nm_mask", nm_mask(self.weight, n, m))
-        self._mask_version = self.weight._version
+        self._mask_key = _weight_key(self.weight)
 
-    def update_masks(self) -> None:
-        """Recompute the masks from the dense latent weight."""
-        self._compute_masks()
-        self._mask_version = self.weight._version
+    def __setstate__(self, state: dict) -> None:
+        # deepcopy, copy.copy and unpickling come here: the copy's parameters are new objects
+        # whose version counters restart at 0, and no scheduler drives the copy.
+        state = dict(state)
+        if "frozen" in state:  # pickled by spre_fx <= 0.1.0, where `frozen` also meant scheduled
+            state["_frozen"] = state.pop("frozen")
+        state.pop("_mask_version", None)
+        super().__setstate__(state)
+        self._mask_key = None
+        self.scheduled = False
+        self.dense_warmup = False
+        for name in _CACHES:
+            self.__dict__.pop(name, None)
+
+    @property
+    def frozen(self) -> bool:
+        """Masks held still by the user; setting it holds the masks in force now (brought up to
+        date with the weight first, unless a scheduler already holds them)."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if value:
+            self.sync_masks()
+        self._frozen = bool(value)
+
+    @property
+    def masks_held(self) -> bool:
+        """Whether the masks are held still on purpose (frozen, or moved by a scheduler only)."""
+        return self._frozen or self.scheduled
+
+    def _mask_names(self) -> tuple[str, ...]:
+        return ("nm_mask",)
+
+    def masks_from_weight(self) -> dict[str, Tensor]:
+        """The masks computed from the current weight now (new tensors; nothing is written)."""
+        return {"nm_mask": nm_mask(self.weight, *self.nm)}
+
+    def masks_current(self) -> bool:
+        """Whether the stored masks were computed from the weight as it is now."""
+        return self._mask_key == _weight_key(self.weight)
+
+    def current_masks(self) -> dict[str, Tensor]:
+        """The masks this layer computes with now: the stored ones when held or up to date, else
+        the ones of the current weight, computed out of place (`convert` must not write)."""
+        if self.masks_held or self.masks_current():
+            return {name: getattr(self, name) for name in self._mask_names()}
+        return self.masks_from_weight()
 
     @torch.no_grad()
-    def _compute_masks(self) -> None:
+    def update_masks(self, which: tuple[str, ...] | None = None) -> None:
+        """Recompute the masks named in `which` (default: all) from the dense latent weight, in
+        place; during a dense warm-up the N:M mask stays all-ones."""
+        names = self._mask_names() if which is None else tuple(which)
+        for name in names:
+            if name not in self._mask_names():
+                raise ValueError(f"{type(self).__name__} has no mask {name!r}; it has {self._mask_names()}")
+            if name == "nm_mask" and self.dense_warmup:
+                self.nm_mask.fill_(True)
+            else:
+                self._compute_mask(name)
+        complete = set(names) == set(self._mask_names()) and not self.dense_warmup
+        self._mask_key = _weight_key(self.weight) if complete else None
+
+    @torch.no_grad()
+    def set_dense_warmup(self, dense: bool) -> None:
+        """Enter (all-ones N:M mask) or leave a scheduler's dense warm-up."""
+        if dense and not self.dense_warmup:
+            self.nm_mask.fill_(True)
+            self._mask_key = None
+        self.dense_warmup = dense
+
+    def _compute_mask(self, name: str) -> None:
         nm_mask(self.weight, *self.nm, out=self.nm_mask)
 
-    def _follow_weight(self) -> None:
-        if not self.training or self.frozen:
+    def sync_masks(self) -> None:
+        """Bring the stored masks up to date with the weight, unless they are held (what every
+        forward does first)."""
+        if self.masks_held:
             return
         if torch.compiler.is_compiling():
             # A compiled graph cannot branch on the version counter (it would be read once, at
             # trace time): recompute, which gives the same masks when the weight has not moved.
-            self._compute_masks()
-        elif self.weight._version != self._mask_version:
+            for name in self._mask_names():
+                self._compute_mask(name)
+        elif not self.masks_current():
             self.update_masks()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # torch's per-module load step (as BatchNorm overrides it): a weight arriving without its
+        # masks (a dense checkpoint, strict=False) gets the masks of the loaded weight at once.
+        brings_weight = prefix + "weight" in state_dict
+        lacking = [name for name in self._mask_names() if prefix + name not in state_dict]
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._mask_key = None  # loaded masks are kept as they are; free layers re-check them
+        if brings_weight and lacking and len(error_msgs) == errors:
+            self.update_masks(tuple(lacking))
 
     def _cached(self, name: str, sources: tuple[Tensor, ...], make) -> Tensor:
         """`make()` (a float tensor derived from the bool mask buffers), cached until a source
@@ -201,7 +305,7 @@ class _NMMixin:
         return entry[2]
 
     def masked_weight(self) -> Tensor:
-        self._follow_weight()
+        self.sync_masks()
         pruned = self._cached("_pruned_cache", (self.nm_mask,),
                               lambda: pruned_indicator(self.nm_mask, self.weight.dtype))
         return srste_pruned(self.weight, pruned, self.decay)
@@ -215,6 +319,18 @@ class _NMMixin:
         new._spre_orig_cls = type(module)
         new._init_nm(n, m, decay)
         return new
+
+
+def freeze_masks(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Hold (or release) the masks of every N:M layer of `model` as they are now.
+
+    Frozen masks move only when a state dict brings a weight without its masks; a
+    `MaskScheduler` leaves them alone. Returns `model`.
+    """
+    for m in model.modules():
+        if isinstance(m, _NMMixin):
+            m.frozen = frozen
+    return model
 
 
 class _NMConvMixin(_NMMixin):
@@ -286,10 +402,17 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
         new._init_nm(n, m, decay)
         return new
 
-    @torch.no_grad()
-    def _compute_masks(self) -> None:
-        super()._compute_masks()
-        self.spatial_mask.copy_(self.spatial_from_weight())
+    def _mask_names(self) -> tuple[str, ...]:
+        return ("nm_mask", "spatial_mask")
+
+    def masks_from_weight(self) -> dict[str, Tensor]:
+        return {**super().masks_from_weight(), "spatial_mask": self.spatial_from_weight()}
+
+    def _compute_mask(self, name: str) -> None:
+        if name == "spatial_mask":
+            self.spatial_mask.copy_(self.spatial_from_weight())
+        else:
+            super()._compute_mask(name)
 
     def spatial_from_weight(self) -> Tensor:
         """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (SPRE.md §3)."""
@@ -376,26 +499,37 @@ def _with_weights(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.
     return plain
 
 
-def effective_weight(module: nn.Module) -> Tensor:
-    """The weight the layer computes with in eval mode (N:M mask applied)."""
+def effective_weight(module: nn.Module, masks: dict[str, Tensor] | None = None) -> Tensor:
+    """The weight the layer computes with in eval mode (its current N:M mask applied)."""
     w = module.weight.detach()
-    return w * module.nm_mask if hasattr(module, "nm_mask") else w
+    if not isinstance(module, _NMMixin):
+        return w
+    return w * (masks or module.current_masks())["nm_mask"]
 
 
-def deploy_layer(module: nn.Module, norm: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
+def masks_of(module: nn.Module) -> dict[str, Tensor] | None:
+    """The masks an N:M layer computes with now (`current_masks()`), None for a plain layer."""
+    return module.current_masks() if isinstance(module, _NMMixin) else None
+
+
+def deploy_layer(module: nn.Module, norm: nn.Module | None,
+                 masks: dict[str, Tensor] | None = None) -> tuple[nn.Module, nn.Module | None]:
     """One plain layer (the user's class) computing `norm(module(x))` in eval mode.
 
+    `masks` are the layer's (`current_masks()`, taken from the module itself when None).
     Returns the layer and what replaces `norm` (None when there was no norm).
     """
+    if isinstance(module, _NMMixin) and masks is None:
+        masks = module.current_masks()
     if isinstance(module, SpReConv2d):
         if not isinstance(norm, _SpReNormMixin):
             raise ValueError("a SpReConv2d collapses only together with its SpReBatchNorm2d")
         w, b = merge_spre(
-            module.weight, module.bias, module.weight_rep, module.nm_mask, module.spatial_mask,
+            module.weight, module.bias, module.weight_rep, masks["nm_mask"], masks["spatial_mask"],
             BNStats.of(norm), BNStats.of(norm.rep),
         )
         return _with_weights(module, w, b), norm._spre_norm_spec.after_fold(norm)
-    weight = effective_weight(module)
+    weight = effective_weight(module, masks)
     if norm is None:
         bias = None if module.bias is None else module.bias.detach().clone()
         return _with_weights(module, weight.clone(), bias), None

@@ -8,7 +8,8 @@ timm or mmcv classes without importing them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ __all__ = [
     "is_norm",
     "leaf_functions",
     "norm_spec",
+    "scoped_registrations",
 ]
 
 _LEAF_MODULES: set[str] = set()
@@ -146,3 +148,23 @@ def norm_spec(module: nn.Module) -> NormSpec | None:
     if spec is not None or not isinstance(module, _BatchNorm):
         return spec
     return _PLAIN if type(module).forward in _STOCK_FORWARDS else None
+
+
+@contextmanager
+def scoped_registrations() -> Iterator[None]:
+    """Undo, on leaving the block, every registration made inside it (leaf modules, leaf
+    functions, norms): tests and notebooks register without leaking into what runs next.
+
+        with spre_fx.registry.scoped_registrations():
+            spre_fx.register_leaf_module(MyBlock)
+            prepared = spre_fx.prepare(model)
+    """
+    leaf_modules, leaf_functions, norms = set(_LEAF_MODULES), list(_LEAF_FUNCTIONS), dict(_NORMS)
+    try:
+        yield
+    finally:
+        _LEAF_MODULES.clear()
+        _LEAF_MODULES.update(leaf_modules)
+        _LEAF_FUNCTIONS[:] = leaf_functions
+        _NORMS.clear()
+        _NORMS.update(norms)

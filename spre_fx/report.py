@@ -124,7 +124,7 @@ def _layer_report(lp, module: nn.Module, n: int, m: int, kernel: KernelAdvice | 
         spatial = spatial_sparsity(w != 0).tolist()
     if lp.treatment == SPRE and hasattr(module, "spatial_mask"):
         unstructured = spatial_sparsity(magnitude_mask(module.weight, 1.0 - n / m)).tolist()
-        smask = module.spatial_mask.tolist()
+        smask = module.current_masks()["spatial_mask"].tolist()  # what the layer computes with now
     return LayerReport(
         lp.name, lp.treatment, lp.reason, lp.norm, tuple(w.shape), cov,
         float((w == 0).float().mean()), spatial, unstructured, smask, kernel,

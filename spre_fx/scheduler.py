@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masks import nm_mask
 from .modules import SpReConv2d, _NMMixin
 
 __all__ = ["MaskSchedule", "MaskScheduler"]
@@ -85,7 +84,7 @@ class MaskScheduler:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = spre_fx.MaskScheduler(model, opt, warmup_steps=100)
 
-    While attached, the modules stop updating masks in their forward. `stats` holds the last
+    While attached, the layers' forwards leave their masks alone (`scheduled`). `stats` holds the last
     step's statistics when `track_stats=True`. `state_dict()` / `load_state_dict()` resume.
     """
 
@@ -101,9 +100,9 @@ class MaskScheduler:
         self.step = 0
         self.stats: dict[str, Any] = {}
         for m in self.layers.values():
-            m.frozen = True
-        if self.schedule.warmup_steps:
-            self._set_dense()
+            m.sync_masks()  # the scheduler holds the masks in force, not stale buffers
+            m.scheduled = True
+        self._set_warmup(self.schedule.warmup_steps > 0)
         self._apply_decay()
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
 
@@ -117,25 +116,29 @@ class MaskScheduler:
             self._update(move_nm, move_spatial)
         self._apply_decay()
 
+    def _moving(self):
+        """The layers whose masks this scheduler moves (frozen ones are held by the user)."""
+        return ((name, m) for name, m in self.layers.items() if not m.frozen)
+
     @torch.no_grad()
     def _update(self, move_nm: bool, move_spatial: bool) -> None:
         track = self.schedule.track_stats
         flips = total = spatial_changes = 0
         per_layer = {}
+        if move_nm:
+            self._set_warmup(False)
         for name, m in self.layers.items():
-            n, mm = m.nm
-            if move_nm:
-                old = m.nm_mask.clone() if track else None
-                nm_mask(m.weight, n, mm, out=m.nm_mask)
-                if track:
-                    flips += int((old != m.nm_mask).sum())
-                    total += old.numel()
-            if move_spatial and isinstance(m, SpReConv2d):
-                new_s = m.spatial_from_weight()
-                if track:
-                    spatial_changes += int((new_s != m.spatial_mask).sum())
-                m.spatial_mask.copy_(new_s)
+            spatial = move_spatial and isinstance(m, SpReConv2d)
+            which = () if m.frozen else ("nm_mask",) * move_nm + ("spatial_mask",) * spatial
+            old = {k: getattr(m, k).clone() for k in which} if track else {}
+            if which:
+                m.update_masks(which)
             if track:
+                if "nm_mask" in old:
+                    flips += int((old["nm_mask"] != m.nm_mask).sum())
+                    total += m.nm_mask.numel()
+                if "spatial_mask" in old:
+                    spatial_changes += int((old["spatial_mask"] != m.spatial_mask).sum())
                 per_layer[name] = 1.0 - float(m.nm_mask.float().mean())
         if track:
             self.stats = {
@@ -145,10 +148,9 @@ class MaskScheduler:
                 "sparsity": per_layer,
             }
 
-    def _set_dense(self) -> None:
-        with torch.no_grad():
-            for m in self.layers.values():
-                m.nm_mask.fill_(True)
+    def _set_warmup(self, dense: bool) -> None:
+        for _, m in self._moving():
+            m.set_dense_warmup(dense)
 
     def _apply_decay(self) -> None:
         decay = self.schedule.decay
@@ -161,20 +163,22 @@ class MaskScheduler:
     # ------------------------------------------------------------------ lifecycle
     def refresh_masks(self) -> None:
         """Recompute every mask from the current weights now (after re-initialising or loading
-        weights without their masks). Outside a dense warm-up only; the step count is kept."""
-        if self.step < self.schedule.warmup_steps:
-            return
-        self._update(move_nm=True, move_spatial=True)
+        weights without their masks); during a dense warm-up the N:M masks stay all-ones. The
+        step count is kept."""
+        self._update(move_nm=self.step >= self.schedule.warmup_steps, move_spatial=True)
 
     def remove(self) -> None:
-        """Detach from the optimizer; modules go back to following their weights in training."""
+        """Detach from the optimizer; the layers go back to following their weights."""
         self._handle.remove()
         for m in self.layers.values():
-            m.frozen = False
+            m.scheduled = False
+            m.set_dense_warmup(False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved step (the masks themselves come with the model's state dict)."""
         self.step = int(state["step"])
+        self._set_warmup(self.step < self.schedule.warmup_steps)
         self._apply_decay()

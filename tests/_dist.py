@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(tmp_path: Path) -> str:
+    """A `file://` init_method in the test's own temporary directory.
+
+    No port is picked and released before the workers bind it (a race between xdist workers:
+    another test could take the port in between); the file is private to the test.
+    """
+    path = Path(tmp_path) / "rendezvous"
+    if path.exists():
+        raise FileExistsError(f"{path} exists: a file rendezvous needs a new (or empty) file")
+    return path.resolve().as_uri()
 
 
 def end_worker() -> None:

@@ -12,13 +12,12 @@ from torch import nn
 
 import spre_fx
 
-from ._dist import end_worker, free_port
+from ._dist import end_worker, rendezvous
 from .nets import Block
 
 
-def _worker(rank: int, world: int, port: int, steps: int, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, init_method: str, steps: int, result_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights; DDP also broadcasts rank 0's
     model = spre_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(8), Block(8)))
@@ -45,7 +44,7 @@ def _worker(rank: int, world: int, port: int, steps: int, result_dir: str) -> No
                     reason="torch.distributed with gloo is not available in this build")
 def test_ddp_masks_identical_on_every_rank(tmp_path):
     world, steps = 2, 4
-    mp.start_processes(_worker, args=(world, free_port(), steps, str(tmp_path)), nprocs=world,
+    mp.start_processes(_worker, args=(world, rendezvous(tmp_path), steps, str(tmp_path)), nprocs=world,
                        join=True, start_method="spawn")
     for rank in range(world):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -7,6 +7,7 @@ plain Python, never by calling the function under test a second time.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -327,11 +328,22 @@ def test_spatial_mask_marks_denser_than_average_taps(w, rate):
     """S = s_U < rate, with s_U from an independent magnitude pruning (boundary taps excepted)."""
     s_mask = spatial_mask(w, rate)
     assert s_mask.dtype == torch.bool and s_mask.shape == w.shape[2:]
-    assert torch.equal(s_mask, spatial_sparsity(magnitude_mask(w, rate)) < rate)
     keep = torch.tensor(ref_magnitude_keep(w, rate)).reshape(w.shape)
     s_ref = 1.0 - keep.double().mean(dim=(0, 1))
     clear = (s_ref - rate).abs() > 1e-6
     assert torch.equal(s_mask[clear], (s_ref < rate)[clear])
+
+
+def ref_spatial_mask(w: torch.Tensor, rate: Fraction) -> list[bool]:
+    """Reference S by sorting in Python, in exact arithmetic: prune the k = round(rate·numel)
+    smallest |w| (every weight tied with the k-th goes too), s(tap) = 1 − kept(tap)/(O·C),
+    S = s < rate."""
+    o, c = w.shape[:2]
+    rows = w.double().reshape(o * c, -1).abs().tolist()  # exact for every float dtype
+    k = round(rate * len(rows) * len(rows[0]))
+    ordered = sorted(v for row in rows for v in row)
+    kept = [sum(row[t] > ordered[k - 1] for row in rows) if k else len(rows) for t in range(len(rows[0]))]
+    return [1 - Fraction(n, o * c) < rate for n in kept]
 
 
 @SETTINGS
@@ -341,14 +353,17 @@ def test_spatial_mask_marks_denser_than_average_taps(w, rate):
     kernel=st.one_of(kernels(rank=None).filter(len), st.just((3, 7, 7)), st.just((1, 13, 11))),
     dtype=st.sampled_from(DTYPES + [torch.float16]),
     ties=st.booleans(),
-    rate=st.floats(0.0, 0.99),
+    rate_64ths=st.integers(0, 63),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_spatial_mask_equals_its_definition(o, c, kernel, dtype, ties, rate, seed):
-    """S = spatial_sparsity(magnitude_mask(W, rate)) < rate exactly, ties, zeros, half precision
-    and kernels of > 128 taps (a coarser histogram) included."""
+def test_spatial_mask_matches_sorting_reference(o, c, kernel, dtype, ties, rate_64ths, seed):
+    """S equals an independent sort-based reference exactly: ties, zeros, half precision and
+    kernels of > 128 taps (a coarser histogram) included. Rates are multiples of 1/64, exact in
+    float32 as in the reference's fractions, so no tap sits on a rounding boundary."""
     w = rand_weight((o, c, *kernel), dtype, seed, ties)
-    assert torch.equal(spatial_mask(w, rate), spatial_sparsity(magnitude_mask(w, rate)) < rate)
+    rate = Fraction(rate_64ths, 64)
+    expect = ref_spatial_mask(w, rate)
+    assert spatial_mask(w, float(rate)).flatten().tolist() == expect
 
 
 @SETTINGS

@@ -29,7 +29,7 @@ from spre_fx.masks import is_nm  # noqa: E402
 from spre_fx.modules import SpReBatchNorm2d  # noqa: E402
 from spre_fx.prepare import plan_of  # noqa: E402
 
-from ._dist import end_worker, free_port  # noqa: E402
+from ._dist import end_worker, rendezvous  # noqa: E402
 
 pytestmark = pytest.mark.mmdet
 
@@ -175,12 +175,6 @@ def _spre_hook(runner):
     return next(h for h in runner.hooks if isinstance(h, SpReHook))
 
 
-def _tensor_batch(runner):
-    """One preprocessed test batch (inputs and data samples) for mode='tensor' comparisons."""
-    batch = next(iter(runner.test_dataloader))
-    return runner.model.data_preprocessor(batch, False)
-
-
 def _flat(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -227,22 +221,26 @@ def _train_resume_test_deploy(kind: str, data: Path, work_dir: Path, iters: int)
     dcfg.work_dir = str(work_dir / "test_deploy")
     test_runner = Runner.from_cfg(dcfg)
     deployed_metrics = test_runner.test()
-    assert abs(deployed_metrics["coco/bbox_mAP"] - metrics["coco/bbox_mAP"]) <= 1e-3, (
-        deployed_metrics, metrics)
+    assert "coco/bbox_mAP" in deployed_metrics, deployed_metrics  # (both ~0 untrained: not compared)
     deployed, prepared = test_runner.model, runner.model
     assert type(deployed) is type(prepared) and type(deployed).__name__ == cfg.model.detector.type
     saved = torch.load(work_dir / "deploy.pth", map_location="cpu")["state_dict"]
     assert set(saved) == set(deployed.state_dict())  # the architecture matches the checkpoint
 
+    # What the metric sees, compared directly: the raw head outputs on every test image.
     prepared.eval()
     deployed.eval()
-    data_batch = _tensor_batch(runner)
-    with torch.no_grad():
-        want = _flat(prepared(**data_batch, mode="tensor"))
-        got = _flat(deployed(**data_batch, mode="tensor"))
-    assert len(want) == len(got)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
+    images = 0
+    for batch in runner.test_dataloader:
+        data_batch = runner.model.data_preprocessor(batch, False)
+        images += len(data_batch["data_samples"])
+        with torch.no_grad():
+            want = _flat(prepared(**data_batch, mode="tensor"))
+            got = _flat(deployed(**data_batch, mode="tensor"))
+        assert len(want) == len(got) > 0
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
+    assert images == len(runner.test_dataloader.dataset)
     plan = plan_of(deployed, stage="converted")
     modules = dict(deployed.named_modules())
     sparse = [lp for lp in plan.layers if lp.treatment != "dense"]
@@ -322,15 +320,14 @@ def test_from_dense_checkpoint_starts_as_its_nm_projection(coco, tmp_path):
 
 
 # --------------------------------------------------------------------------- DDP
-def _ddp_worker(rank: int, world: int, port: int, data: str, work_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, init_method: str, data: str, work_dir: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # mmengine's pytorch launcher calls torch.cuda.set_device, which fails without a GPU: the
     # process group is made here, and the Runner (launcher='pytorch') runs inside it.
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     cfg = tiny_config("retinanet", Path(data), Path(work_dir), max_iters=2, width=16)
     cfg.launcher = "pytorch"
     # CPU modules take no device_ids (the Runner passes [LOCAL_RANK] unless the config says otherwise)
@@ -361,7 +358,7 @@ def test_ddp_two_cpu_processes(coco, tmp_path):
         pytest.skip("torch.distributed with gloo is not available in this build")
     work_dir = tmp_path / "work"
     work_dir.mkdir()
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(coco), str(work_dir)), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, rendezvous(tmp_path), str(coco), str(work_dir)), nprocs=2,
                        join=True, start_method="spawn")
     for rank in range(2):
         res = torch.load(work_dir / f"rank{rank}.pt")

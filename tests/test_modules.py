@@ -399,19 +399,22 @@ def test_nm_layer_forward_and_gradient(nml, dtype, decay, seed):
 
 
 @SETTINGS
-@given(**nm_setups, mode=st.sampled_from(["train", "eval", "frozen"]))
-def test_nm_layer_mask_follows_weight_only_in_train(nml, dtype, decay, seed, mode):
-    """After an in-place weight change the train-mode mask is recomputed; eval or frozen keep the old one."""
+@given(**nm_setups, mode=st.sampled_from(["train", "eval", "frozen", "scheduled"]))
+def test_nm_layer_mask_follows_weight_unless_held(nml, dtype, decay, seed, mode):
+    """After an in-place weight change the mask is recomputed at the next forward, train or eval;
+    held masks (a user freeze, a scheduler's) stay as they were."""
     n, m, layer = nml
     mod, nm, x, _ = adopt_nm(nml, dtype, decay, seed)
     nm.train(mode != "eval")
-    nm.frozen = mode == "frozen"
+    if mode == "frozen":
+        nm.frozen = True
+    nm.scheduled = mode == "scheduled"
     old_mask = nm.nm_mask.clone()
     with torch.no_grad():
         nm.weight.copy_(promote_dropped(nm.weight, old_mask))
     new_mask = nm_mask(nm.weight, n, m)
     assert not torch.equal(new_mask, old_mask)
-    expect = new_mask if mode == "train" else old_mask
+    expect = old_mask if mode in ("frozen", "scheduled") else new_mask
     with torch.no_grad():
         out = nm(x)
         assert_close(out, layer.apply(x, nm.weight * expect, nm.bias), dtype)

@@ -6,7 +6,14 @@ plain-Python references in test_masks.py), never from the kernels.
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +217,150 @@ def test_report_says_what_computes_the_masks():
     assert rep.mask_kernels == _native.backend()
     assert f"CPU mask updates: {_native.backend()}" in str(rep)
     assert spre_fx.report(spre_fx.convert(prepared)).mask_kernels is None
+
+
+# --------------------------------------------------------------------------- nothing kills the process
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter: a crash (SIGFPE, SIGSEGV) must not take the test run with it."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, cwd=str(Path(__file__).resolve().parents[1]))
+
+
+def test_zero_input_channels_raise_instead_of_crashing():
+    """nm_mask and prepare on a conv with 0 input channels: a ValueError, not SIGFPE in the C kernel
+    (the kernels decline such a weight)."""
+    done = _run_python("""
+        import torch
+        from torch import nn
+        import spre_fx
+        from spre_fx import _native
+        from spre_fx.masks import nm_mask
+        empty = torch.randn(4, 0, 3, 3)
+        assert not _native.nm_mask(empty, 2, 4, torch.zeros(empty.shape, dtype=torch.bool))
+        assert _native.spatial_kept(empty, 1) is None
+        for call in (lambda: nm_mask(torch.randn(4, 0, 3, 3), 2, 4),
+                     lambda: spre_fx.prepare(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(0, 8, 3)),
+                                             dense_stem=False)):
+            try:
+                call()
+            except ValueError as e:
+                assert "no input channels" in str(e), e
+            else:
+                raise SystemExit("no error")
+        print("refused")
+    """)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused" in done.stdout
+
+
+def test_the_c_functions_refuse_bad_arguments_themselves():
+    """Called directly (past the Python checks), the C kernels return an error code for C = 0,
+    negative sizes or strides, NULL pointers and k outside [1, numel], instead of crashing."""
+    if _native.library() is None:
+        pytest.skip(f"C mask kernels: {_native.backend()}")
+    done = _run_python("""
+        import ctypes, torch
+        from spre_fx import _native
+        lib, I3 = _native.library(), _native._I64 * 3
+        w = torch.randn(4, 8, 3, 3)
+        out = torch.zeros(w.shape, dtype=torch.bool)
+        ok, wp, kp, s = (w.data_ptr(), 0, out.data_ptr()), w.data_ptr(), out.data_ptr(), I3(72, 9, 1)
+        calls = {
+            "c = 0": lib.spre_nm_mask(*ok, 4, 0, 9, I3(72, 9, 1), I3(72, 9, 1), 2, 4, 1),
+            "c < 0": lib.spre_nm_mask(*ok, 4, -8, 9, I3(72, 9, 1), I3(72, 9, 1), 2, 4, 1),
+            "o < 0": lib.spre_nm_mask(*ok, -4, 8, 9, I3(72, 9, 1), I3(72, 9, 1), 2, 4, 1),
+            "stride < 0": lib.spre_nm_mask(*ok, 4, 8, 9, I3(72, -9, 1), I3(72, 9, 1), 2, 4, 1),
+            "null out": lib.spre_nm_mask(wp, 0, None, 4, 8, 9, s, s, 2, 4, 1),
+            "null strides": lib.spre_nm_mask(*ok, 4, 8, 9, None, I3(72, 9, 1), 2, 4, 1),
+            "k = 0": lib.spre_spatial_kept(wp, 0, 4, 8, 9, s, 0, 1, kp),
+            "k > numel": lib.spre_spatial_kept(wp, 0, 4, 8, 9, s, 289, 1, kp),
+            "spatial c = 0": lib.spre_spatial_kept(wp, 0, 4, 0, 9, s, 1, 1, kp),
+            "null weight": lib.spre_spatial_kept(None, 0, 4, 8, 9, s, 1, 1, kp),
+        }
+        bad = {k: v for k, v in calls.items() if v != -1}
+        assert not bad, bad
+        print("refused", len(calls))
+    """)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused 10" in done.stdout
+
+
+def test_python_side_validates_before_calling_c():
+    """Every argument the C code indexes is checked before the call: such calls are declined
+    (the torch code then answers or raises), never passed on. (C = 0, which crashed the process
+    before, is tried in a subprocess above.)"""
+    w = torch.randn(4, 8, 3, 3)
+    good = torch.zeros(w.shape, dtype=torch.bool)
+    declined = [
+        (torch.randn(4, 6, 3, 3), 2, 4, torch.zeros(4, 6, 3, 3, dtype=torch.bool)),  # C % M
+        (w, 0, 4, good), (w, 4, 4, good), (w, 2, 1, good),                           # N, M
+        (w, 2, 4, torch.zeros(4, 8, 3, dtype=torch.bool)),                           # out shape
+        (w, 2, 4, torch.zeros(w.shape, dtype=torch.uint8)),                          # out dtype
+        (w, 2, 4, torch.zeros(1, 8, 3, 3, dtype=torch.bool).expand(4, 8, 3, 3)),     # out overlaps itself
+        (torch.randn(8), 2, 4, torch.zeros(8, dtype=torch.bool)),                    # rank 1
+    ]
+    for args in declined:
+        assert not _native.nm_mask(*args), [getattr(a, "shape", a) for a in args]
+    storage = torch.zeros(2 * w.numel() * 4, dtype=torch.uint8)
+    w_in = storage[: w.numel() * 4].view(torch.float32).view(w.shape)
+    w_in.copy_(w)
+    overlapping = storage[w.numel() * 2: w.numel() * 3].view(torch.bool).view(w.shape)
+    assert not _native.nm_mask(w_in, 2, 4, overlapping)  # out writes into the weight being read
+    for k in (0, -1, w.numel() + 1):
+        assert _native.spatial_kept(w, k) is None
+    assert _native.spatial_kept(torch.randn(4, 8), 3) is None  # no taps
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt(monkeypatch, tmp_path):
+    """A truncated or foreign file in the cache is replaced by a fresh build (with a warning)."""
+    if not shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]):
+        pytest.skip("no C compiler (CC or cc) on this machine")
+    monkeypatch.setenv("SPRE_FX_CACHE", str(tmp_path))
+    # Built by another process: this one must not have the file mapped (dlopen would reuse it).
+    done = _run_python("from spre_fx import _native; assert _native.backend() == 'native'")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (lib,) = (tmp_path / "native").glob("*.so")
+    lib.write_bytes(b"not a shared library")
+    monkeypatch.setattr(_native, "_state", {})
+    with pytest.warns(UserWarning, match="did not load"):
+        assert _native.backend() == "native"
+    assert lib.read_bytes()[:4] == b"\x7fELF"
+    w = torch.randn(8, 16, 3, 3)
+    expect = torch.empty(w.shape, dtype=torch.bool)
+    _nm_mask_torch(w, 2, 4, expect)
+    assert torch.equal(nm_mask(w, 2, 4), expect)
+
+
+def test_the_cache_key_covers_the_compiler(monkeypatch, tmp_path):
+    """Another compiler behind the same name (`cc` upgraded: another `cc --version`) builds
+    another library file instead of loading the old one."""
+    real = shutil.which("cc")
+    if not real:
+        pytest.skip("no C compiler `cc` on this machine")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "cc"
+    version = '[ "$1" = --version ] && echo "other cc 1.0" && exit 0'
+    wrapper.write_text(f'#!/bin/sh\n{version}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("SPRE_FX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CC", raising=False)
+    built = []
+    for path in (os.environ["PATH"], f"{bin_dir}{os.pathsep}{os.environ['PATH']}"):
+        monkeypatch.setattr(_native, "_state", {})
+        monkeypatch.setenv("PATH", path)
+        assert _native.backend() == "native"
+        built.append({p.name for p in (tmp_path / "cache" / "native").glob("*.so")})
+    assert len(built[0]) == 1 and len(built[1]) == 2
+
+
+def test_a_machine_with_a_compiler_runs_the_c_kernels():
+    """Where a C compiler exists the kernels must build and load: a silent fall back to torch
+    would let every kernel test above skip unnoticed (CI sets CI=true; this holds everywhere)."""
+    if os.environ.get("SPRE_FX_NATIVE", "1") == "0":
+        pytest.skip("C mask kernels switched off with SPRE_FX_NATIVE=0")
+    cc = shlex.split(os.environ.get("CC", "cc"))[0]
+    if not shutil.which(cc):
+        assert os.environ.get("CI", "").lower() != "true", f"CI machine without a C compiler ({cc})"
+        pytest.skip(f"no C compiler ({cc}) on this machine")
+    assert _native.backend() == "native"

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 import spre_fx
 from spre_fx.patterns import discover
+from spre_fx.registry import is_leaf_class, leaf_functions, norm_spec, scoped_registrations
 
 from .nets import conv_bn, tiny_input, train_steps
 
@@ -124,13 +125,16 @@ def test_registered_leaf_module_is_opaque():
         def forward(self, x):
             return self.bn(self.conv(x))
 
-    spre_fx.register_leaf_module(Opaque)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Opaque())
-    layers = plan(model)
-    # fx does not see how the leaf uses its conv (it could read conv.weight directly): dense
-    assert layers["1.conv"].treatment == "dense" and layers["1.conv"].norm is None
-    assert "inside '1'" in layers["1.conv"].reason
-    roundtrip(model, tiny_input())
+    with scoped_registrations():
+        spre_fx.register_leaf_module(Opaque)
+        layers = plan(model)
+        # fx does not see how the leaf uses its conv (it could read conv.weight directly): dense
+        assert layers["1.conv"].treatment == "dense" and layers["1.conv"].norm is None
+        assert "inside '1'" in layers["1.conv"].reason
+        roundtrip(model, tiny_input())
+    assert not is_leaf_class(Opaque)  # the registration did not outlive the block
+    assert plan(model)["1.conv"].treatment == "spre"
 
 
 def test_weights_read_directly_stay_dense():
@@ -317,9 +321,6 @@ def clamp_if_big(x):
     return x.clamp(max=1.0) if x.abs().max() > 1.0 else x
 
 
-spre_fx.register_leaf_function(clamp_if_big)
-
-
 def test_registered_leaf_function_keeps_the_whole_model_traceable():
     class UsesFunction(nn.Module):
         def __init__(self):
@@ -332,10 +333,13 @@ def test_registered_leaf_function_keeps_the_whole_model_traceable():
             return self.bn(self.conv(clamp_if_big(self.stem(x))))
 
     torch.manual_seed(0)
-    p = discover(UsesFunction(), spre_fx.SpReConfig())
-    assert p.untraced == ()  # the root traced whole: the function is one call_function node
-    assert {lp.name: lp for lp in p.layers}["conv"].treatment == "spre"
-    roundtrip(UsesFunction(), tiny_input())
+    with scoped_registrations():
+        spre_fx.register_leaf_function(clamp_if_big)
+        p = discover(UsesFunction(), spre_fx.SpReConfig())
+        assert p.untraced == ()  # the root traced whole: the function is one call_function node
+        assert {lp.name: lp for lp in p.layers}["conv"].treatment == "spre"
+        roundtrip(UsesFunction(), tiny_input())
+    assert clamp_if_big not in leaf_functions()
 
 
 def test_mmcv_conv_module_pairs():
@@ -602,3 +606,26 @@ def test_frozen_conv_computes_what_its_nm_counterpart_computes():
             conv = {spre: p.convs[1](y) for spre, (p, _, _) in runs.items()}
         assert torch.equal(conv[True], conv[False])
         assert torch.equal(runs[True][0].convs[1].weight, model.convs[1].weight)
+
+
+def test_scoped_registrations_undo_every_registration_even_on_error():
+    """Leaf modules, leaf functions and norms registered inside the block are gone after it."""
+    class CustomBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Block(nn.Module):
+        pass
+
+    def helper(x):
+        return x
+
+    assert norm_spec(CustomBN(4)) is None
+    with pytest.raises(RuntimeError, match="inside"), scoped_registrations():
+        spre_fx.register_norm(CustomBN, post=lambda m, y: y * 2, after_fold=lambda m: nn.Identity())
+        spre_fx.register_leaf_module(Block)
+        spre_fx.register_leaf_function(helper)
+        assert norm_spec(CustomBN(4)) is not None and is_leaf_class(Block) and helper in leaf_functions()
+        raise RuntimeError("inside")
+    assert norm_spec(CustomBN(4)) is None and not is_leaf_class(Block) and helper not in leaf_functions()
+    assert norm_spec(nn.BatchNorm2d(4)) is not None  # what was there before stays

@@ -123,8 +123,8 @@ def test_deepcopy_and_whole_object_save(net, tmp_path):
     spre_fx.verify(q, spre_fx.convert(q), x)
 
 
-def test_masks_follow_weights_in_training(net):
-    """Without a scheduler, each optimizer step moves the N:M mask with the dense weight."""
+def test_masks_follow_weights_in_training_and_eval(net):
+    """Without a scheduler, the N:M mask follows the dense weight at the next forward, train or eval."""
     p = spre_fx.prepare(net)
     conv = p.block.conv1
     with torch.no_grad():
@@ -136,8 +136,9 @@ def test_masks_follow_weights_in_training(net):
     stale = conv.nm_mask.clone()
     with torch.no_grad():
         conv.weight.mul_(-torch.rand_like(conv.weight))
+    assert not torch.equal(spre_fx.masks.nm_mask(conv.weight, 2, 4), stale)
     p(tiny_input())
-    assert torch.equal(conv.nm_mask, stale)  # eval mode uses the stored masks
+    assert torch.equal(conv.nm_mask, spre_fx.masks.nm_mask(conv.weight, 2, 4))  # eval follows too
 
 
 @pytest.mark.parametrize("nm", [(4, 4), (0, 4), (3, 2), (2.0, 4), "2:4", (1, 2, 3)])

@@ -99,16 +99,39 @@ def test_skipped_amp_step_changes_no_mask():
     assert sched.step == 1 and follows_weights(p)
 
 
+def promote_dropped(w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`w` with the first weight `mask` (default: w's N:M mask) drops made the largest: the N:M
+    mask of the result differs from `mask`."""
+    new = w.detach().clone()
+    mask = nm_mask(w, 2, 4) if mask is None else mask
+    idx = tuple((~mask.movedim(1, -1)).nonzero()[0].tolist())
+    new.movedim(1, -1)[idx] = 10 * (w.detach().abs().max() + 1)
+    return new
+
+
 def test_gradient_accumulation_moves_masks_on_real_steps_only():
+    """Three backward passes per step: masks hold through the accumulating passes (even when the
+    weight changes in between) and move on each real step, to the masks of the weights after it."""
     p = spre_fx.prepare(small_net())
-    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    opt = torch.optim.SGD(p.parameters(), lr=1.0)
     sched = spre_fx.MaskScheduler(p, opt)
+    conv = p[1].conv1
     x = tiny_input(batch=4)
     for i in range(6):
+        before = masks(p)
+        if i % 3 != 2:  # a weight change mid-accumulation: a forward that followed it would move masks
+            with torch.no_grad():
+                conv.weight.copy_(promote_dropped(conv.weight))
         loss_of(p, x[i % 2 * 2:(i % 2 + 1) * 2]).backward()
         if i % 3 == 2:
+            target = promote_dropped(conv.weight, conv.nm_mask)
+            conv.weight.grad = conv.weight.detach() - target  # lr 1: the step lands there
             opt.step()
             opt.zero_grad()
+            assert not torch.equal(conv.nm_mask, before["1.conv1.nm_mask"]), f"pass {i}: no move"
+            assert follows_weights(p), f"pass {i}: masks are not those of the new weights"
+        else:
+            assert all(torch.equal(v, masks(p)[k]) for k, v in before.items()), f"pass {i} moved masks"
     assert sched.step == 2
 
 
@@ -125,9 +148,9 @@ def test_warmup_interval_and_freeze():
         step(p, opt, x)
         dense = bool(conv.nm_mask.all())
         history.append((sched.step, dense, conv.nm_mask.clone(), conv.spatial_mask.clone()))
-        if sched.step == 2:
-            assert torch.equal(conv.nm_mask, nm_mask(conv.weight, 2, 4))  # first pruning at step 2
-            assert sched.stats["step"] == 2
+        if sched.step in (2, 4, 6):  # first pruning at step 2, then every 2 steps until the freeze
+            assert torch.equal(conv.nm_mask, nm_mask(conv.weight, 2, 4)), sched.step
+            assert sched.stats["step"] == sched.step
     assert history[0][1] and not history[1][1]  # dense through step 1, pruned after step 2
     nm_at = {s: m for s, _, m, _ in history}
     assert torch.equal(nm_at[3], nm_at[2])  # interval 2: no move at step 3
@@ -138,16 +161,26 @@ def test_warmup_interval_and_freeze():
 
 
 def test_stats_and_decay_schedule():
+    """stats count what changed in the step (recounted here from the masks before and after) and
+    the decay follows its schedule."""
     p = spre_fx.prepare(small_net())
     opt = torch.optim.SGD(p.parameters(), lr=0.5)
     sched = spre_fx.MaskScheduler(p, opt, decay=lambda s: 1e-3 / (1 + s), track_stats=True)
     assert p[1].conv1.decay == pytest.approx(1e-3)
+    before = masks(p)
     step(p, opt, tiny_input())
+    after = masks(p)
     assert p[1].conv1.decay == pytest.approx(5e-4)
+    nm_keys = [k for k in before if k.endswith("nm_mask")]
+    flips = sum(int((before[k] != after[k]).sum()) for k in nm_keys)
     stats = sched.stats
-    assert stats["step"] == 1 and 0.0 <= stats["nm_flip_rate"] <= 1.0
-    assert stats["sparsity"]["1.conv1"] == pytest.approx(0.5)
-    assert isinstance(stats["spatial_mask_changes"], int)
+    assert flips > 0 and follows_weights(p)
+    assert stats["step"] == 1
+    assert stats["nm_flip_rate"] == pytest.approx(flips / sum(before[k].numel() for k in nm_keys))
+    assert stats["spatial_mask_changes"] == sum(
+        int((before[k] != after[k]).sum()) for k in before if k.endswith("spatial_mask"))
+    assert stats["sparsity"] == {k[: -len(".nm_mask")]: pytest.approx(1 - after[k].double().mean().item())
+                                 for k in nm_keys}
 
 
 def test_optimizer_wrappers_and_bad_inputs():
