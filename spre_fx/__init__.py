@@ -7,6 +7,7 @@
     spre_fx.export_onnx(deployed, x, "model.onnx")   # then TensorRT: docs/deploy.md
 """
 
+from .calibration import recalibrate_bn
 from .config import SpReConfig
 from .convert import convert
 from .export import OnnxExport, SemiStructuredConv2d, export_onnx
@@ -27,6 +28,7 @@ __all__ = [
     "report",
     "MaskScheduler",
     "MaskSchedule",
+    "recalibrate_bn",
     "verify",
     "Report",
     "VerifyResult",
