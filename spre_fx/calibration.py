@@ -85,7 +85,8 @@ def recalibrate_bn(
 
     batches: an iterable of inputs (a DataLoader of `(x, y)` works); `forward(model, batch)`
         runs one (default: a tensor is the input, a list/tuple's first element is, a mapping
-        holds keyword arguments). For mmdet: `forward=lambda m, b: m.test_step(b)`.
+        holds keyword arguments). mmdet dataloader batches:
+        `forward=lambda m, b: m(**m.data_preprocessor(b, False), mode="tensor")`.
     num_batches: read at most this many batches.
     include_frozen: also re-estimate the BatchNorms the model's own `train()` keeps in eval
         (mmdet `norm_eval=True`, `frozen_stages`). Off by default: the weights were trained

@@ -190,3 +190,40 @@ def test_no_batches_raises_before_any_statistic_changes():
         spre_fx.recalibrate_bn(model, [])
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.mmdet
+def test_mmdet_detector_norm_eval_and_frozen_stages():
+    """A shipped SpRe RetinaNet (shrunk): keyword batches with mode='tensor' need no targets;
+    BNs the backbone keeps in eval (frozen_stages, norm_eval) are left alone by default."""
+    pytest.importorskip("mmdet", reason="mmdetection not installed: pip install -e .[mmdet]")
+    pytest.importorskip("mmcv.ops", reason="mmcv with its ops is needed by mmdet")
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    from tests.test_mmdet import CONFIGS, SHIPPED, _shrink
+
+    register_all_modules()
+    cfg = Config.fromfile(str(CONFIGS / SHIPPED["retinanet"]))
+    _shrink(cfg.model.detector, "retinanet", width=16)
+    cfg.model.backbone.update(frozen_stages=1, norm_eval=False, norm_cfg=dict(type="BN", requires_grad=True))
+    model = MODELS.build(cfg.model)
+    model.eval()
+    frozen, free = model.backbone.layer1[0].bn1, model.backbone.layer2[0].bn1
+    stats = {bn: bn.running_mean.clone() for bn in (frozen, frozen.rep, free, free.rep)}
+    masks = model.backbone.layer2[0].conv1.nm_mask.clone()
+    batches = [{"inputs": torch.randn(2, 3, 64, 64), "mode": "tensor"}]
+
+    names = spre_fx.recalibrate_bn(model, batches)
+    assert "backbone.layer2.0.bn1.rep" in names and "backbone.layer1.0.bn1" not in names
+    for bn in (frozen, frozen.rep):
+        assert torch.equal(bn.running_mean, stats[bn])
+    for bn in (free, free.rep):
+        assert not torch.equal(bn.running_mean, stats[bn])
+    assert torch.equal(model.backbone.layer2[0].conv1.nm_mask, masks)
+    assert not any(m.training for m in model.modules())
+
+    model.backbone.norm_eval = True
+    assert spre_fx.recalibrate_bn(model, batches) == []  # norm_eval: every backbone BN kept in eval
+    assert "backbone.layer1.0.bn1" in spre_fx.recalibrate_bn(model, batches, include_frozen=True)
