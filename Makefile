@@ -14,9 +14,9 @@ test: venv
 demo: venv
 	$(PY) examples/digits.py
 
-# The accuracy study of docs/results.md (~27 min standalone on 2 cores; longer on a shared machine).
+# The accuracy study of docs/results.md (~20 min standalone on 2 cores; longer on a shared machine).
 study: venv
-	$(PY) examples/study.py --jobs 2 --out out/study
+	$(PY) examples/study.py --jobs 3 --out out/study
 
 lint: venv
 	$(PY) -m ruff check spre_fx integrations tests examples benchmarks

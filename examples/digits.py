@@ -10,13 +10,18 @@ several seeds, under one optimizer and schedule (SPRE.md §5 recipe, scaled down
     srste-N:M         spre_fx.prepare(model, nm=(N, M), spre=False) + MaskScheduler (SR-STE)
     spre-N:M          spre_fx.prepare(model, nm=(N, M)) + MaskScheduler (SpRe)
 
-Every N:M model is then converted (`spre_fx.convert`), checked (`spre_fx.verify`) and scored
-as deployed. One table is printed; heatmaps of the per-tap sparsity of the 3x3 convs and the
-training curves go to the output folder.
+Every model then has its BatchNorm statistics re-estimated on the training images under its
+final masks (`spre_fx.recalibrate_bn`), is converted (`spre_fx.convert`), checked
+(`spre_fx.verify`) and scored as deployed. One table is printed, then the paired differences
+SpRe − SR-STE and unstructured − SR-STE per N:M with 95 % t intervals over seeds (every method
+of a seed starts from the same weights and sees the same batches); heatmaps of the per-tap
+sparsity of the 3x3 convs and the training curves go to the output folder. The controlled,
+larger comparison is examples/study.py (docs/results.md).
 
 Eval-mode test accuracy of the N:M runs jumps from epoch to epoch while the LR is high: the
 masks move at every step (about 1% of the weights flip per step early on, on a net this small)
-and the BatchNorm running statistics lag behind them; it settles as the cosine LR anneals.
+and the BatchNorm running statistics lag behind them; it settles as the cosine LR anneals, and
+the recalibration before convert removes what is left of the lag.
 
     make demo
     PYTHONPATH=. .venv/bin/python examples/digits.py --seeds 0 --epochs 10 --methods dense spre-2:4

@@ -100,8 +100,8 @@ class Recipe:
 
 
 RECIPES = {
-    "digits": Recipe("digits", width=8, epochs=30, batch=64, lr=0.05),
-    "mnist": Recipe("mnist", width=8, epochs=10, batch=64, lr=0.05, train_size=3000),
+    "digits": Recipe("digits", width=8, epochs=20, batch=64, lr=0.05),
+    "mnist": Recipe("mnist", width=8, epochs=8, batch=32, lr=0.05, train_size=2000),
 }
 QUICK = {
     "digits": Recipe("digits", width=8, epochs=1, batch=128, lr=0.05),
@@ -291,8 +291,15 @@ def _accs(records: list[dict], dataset: str, label: str) -> dict[int, float]:
     return {r["seed"]: r["test_acc"] for r in records if r["dataset"] == dataset and r["label"] == label}
 
 
+def _rate(nm: str) -> float:
+    n, m = map(int, nm.split(":"))
+    return 1 - n / m
+
+
 def main_cells(records: list[dict]) -> list[tuple[str, str]]:
-    return list(dict.fromkeys((r["dataset"], r["nm"]) for r in records if r["nm"] is not None))
+    """(dataset, N:M) of the main grid, by dataset and then sparsity."""
+    cells = {(r["dataset"], r["nm"]) for r in records if r["nm"] is not None and r["variant"] is None}
+    return sorted(cells, key=lambda c: (c[0], _rate(c[1])))
 
 
 def gaps(records: list[dict]) -> dict[tuple[str, str], Interval]:
@@ -425,7 +432,7 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     for ax, ds in zip(axes, datasets):
         cells = [c for c in summary["cells"] if c["dataset"] == ds]
-        rates = [1 - int(c["nm"].split(":")[0]) / int(c["nm"].split(":")[1]) for c in cells]
+        rates = [_rate(c["nm"]) for c in cells]
         for i, name in enumerate(("unstructured", "srste", "spre")):
             pts = [(x + (i - 1) * 0.006, c[name]) for x, c in zip(rates, cells) if name in c]
             if not pts:
