@@ -509,6 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
     p.add_argument("--out", type=Path, default=Path("out/study"))
     p.add_argument("--from-json", type=Path, help="only redo the tables and plots of a results.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in OUT/results.json and run only the missing ones")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -576,16 +578,26 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{ds}: {asdict(recipes[ds])}", flush=True)
         print(f"{n_total} runs; ablation cell {args.ablation_cell}; {args.jobs} process(es)", flush=True)
         records: list[dict] = []
+        if args.resume and (out / "results.json").is_file():
+            records = json.loads((out / "results.json").read_text())["runs"]
+            have = {(r["dataset"], r["label"], r["seed"]) for r in records}
+            grid = [j for j in grid if (j.dataset, j.label, j.seed) not in have]
+            n_total = len(grid) + len(records)
+            print(f"resumed: {len(records)} runs kept from {out / 'results.json'}", flush=True)
+            resumed = len(records)
+        else:
+            resumed = 0
         meta = {"args": {k: str(v) for k, v in vars(args).items()},
                 "recipes": {ds: asdict(recipes[ds]) for ds in sorted(used)},
-                "torch": torch.__version__, "threads_per_run": 1, "jobs": args.jobs, "complete": False}
+                "torch": torch.__version__, "threads_per_run": 1, "jobs": args.jobs, "complete": False,
+                "resumed_runs": resumed}
 
         def save() -> None:
             meta["wall_seconds"] = time.perf_counter() - start
             runs = sorted(records, key=lambda r: (r["dataset"], r["label"], r["seed"]))
             (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
 
-        with tqdm(total=n_total, unit="run", file=sys.stderr,
+        with tqdm(total=n_total, initial=len(records), unit="run", file=sys.stderr,
                   disable=True if args.no_progress else None, dynamic_ncols=True) as bar:
             _execute(_seed_major(grid), recipes, args, bar, records, keep, save)
             if args.ablations and args.ablation_cell == "auto" and (cell := largest_gap_cell(records)):
