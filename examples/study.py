@@ -356,10 +356,9 @@ def analyse(records: list[dict]) -> dict:
     nm_runs = [r for r in records if r["convert_error"] is not None]
     pairing = pairing_check(records)
     recal = {}
-    for label in dict.fromkeys(r["label"] for r in records):
-        rs = [r for r in records if r["label"] == label]
-        for ds in dict.fromkeys(r["dataset"] for r in rs):
-            sub = [r for r in rs if r["dataset"] == ds]
+    for ds, label in sorted({(r["dataset"], r["label"]) for r in records}):
+        sub = [r for r in records if r["dataset"] == ds and r["label"] == label]
+        if sub:
             recal[f"{ds} {label}"] = {
                 "before": statistics.fmean(r["eval_acc_before_recalibration"] for r in sub),
                 "after": statistics.fmean(r["test_acc"] for r in sub)}
@@ -418,6 +417,11 @@ def tables(summary: dict) -> str:
         for a in summary["ablations"]:
             lines.append(f"| {a['variant']} ({a['dataset']} {a['nm']}) | {_ms(a['acc'])} | "
                          f"{_pp(a.get('minus_spre'))} | {_pp(a.get('minus_srste'))} |")
+    if summary.get("recalibration"):
+        lines += ["", "| runs (mean over seeds) | eval accuracy before recalibration | deployed, after |",
+                  "|---|---|---|"]
+        for name, r in summary["recalibration"].items():
+            lines.append(f"| {name} | {100 * r['before']:.2f} | {100 * r['after']:.2f} |")
     return "\n".join(lines)
 
 
