@@ -513,6 +513,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
     p.add_argument("--out", type=Path, default=Path("out/study"))
     p.add_argument("--from-json", type=Path, help="only redo the tables and plots of a results.json")
+    p.add_argument("--primary-first", action="store_true",
+                   help="run every seed's unstructured, SR-STE and SpRe runs before dense and ablation runs")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in OUT/results.json and run only the missing ones")
     p.add_argument("--no-progress", action="store_true")
@@ -546,9 +548,13 @@ def _execute(jobs: list[Job], recipes: dict[str, Recipe], args, bar: tqdm, done:
             finished(*future.result())
 
 
-def _seed_major(jobs: list[Job]) -> list[Job]:
-    """Seed by seed (a study cut short has every cell at fewer seeds), long runs first in a seed."""
-    return sorted(jobs, key=lambda j: (j.seed, j.dataset != "mnist", j.method != "spre", j.variant is None))
+def _seed_major(jobs: list[Job], primary_first: bool = False) -> list[Job]:
+    """Seed by seed (a study cut short has every cell at fewer seeds), long runs first in a seed;
+    `primary_first`: every seed's unstructured, SR-STE and SpRe runs before any dense or ablation run."""
+    def phase(j: Job) -> int:
+        return 0 if not primary_first else (2 if j.variant else 1 if j.method == "dense" else 0)
+    return sorted(jobs, key=lambda j: (phase(j), j.seed, j.dataset != "mnist", j.method != "spre",
+                                       j.variant is None))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -603,7 +609,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         with tqdm(total=n_total, initial=len(records), unit="run", file=sys.stderr,
                   disable=True if args.no_progress else None, dynamic_ncols=True) as bar:
-            _execute(_seed_major(grid), recipes, args, bar, records, keep, save)
+            _execute(_seed_major(grid, args.primary_first), recipes, args, bar, records, keep, save)
             if args.ablations and args.ablation_cell == "auto" and (cell := largest_gap_cell(records)):
                 print(f"ablation cell (largest unstructured − SR-STE gap): {cell[0]} {cell[1]}", flush=True)
                 meta["recipes"].setdefault(cell[0], asdict(recipes[cell[0]]))
