@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo study lint bench clean
 
 venv:
 	bash scripts/setup_venv.sh
@@ -13,6 +13,10 @@ test: venv
 
 demo: venv
 	$(PY) examples/digits.py
+
+# The accuracy study of docs/results.md (~20 min standalone on 2 cores; longer on a shared machine).
+study: venv
+	$(PY) examples/study.py --jobs 3 --out out/study
 
 lint: venv
 	$(PY) -m ruff check spre_fx integrations tests examples benchmarks

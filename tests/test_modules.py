@@ -458,3 +458,28 @@ def test_nm_layer_deploy_is_users_class(nml, dtype, decay, seed, with_bn):
             assert_close(plain(x), nm(x), dtype)
         else:
             assert_close(after(plain(x)), bn(nm(x)), dtype)
+
+
+# --------------------------------------------------------------------------- branch init
+def test_spre_branch_init_leaves_the_global_rng_as_sr_ste_does():
+    """Paired SR-STE/SpRe runs: after prepare, the global RNG is where spre=False leaves it,
+    every branch gets its own stream, and the same seed gives the same branches."""
+    import spre_fx
+    from tests.nets import TinyNet
+
+    def prepared(spre: bool):
+        torch.manual_seed(0)
+        model = spre_fx.prepare(TinyNet(width=8), nm=(2, 4), spre=spre)
+        return model, torch.random.get_rng_state()
+
+    srste, state_srste = prepared(False)
+    spre, state_spre = prepared(True)
+    assert torch.equal(state_srste, state_spre)
+    again, _ = prepared(True)
+    reps = [m.weight_rep for m in spre.modules() if isinstance(m, SpReConv2d)]
+    assert len(reps) == 3 and reps[0].shape == reps[1].shape
+    assert not torch.equal(reps[0], reps[1])  # two same-shaped layers: two streams
+    for a, b in zip(reps, (m.weight_rep for m in again.modules() if isinstance(m, SpReConv2d))):
+        assert torch.equal(a, b)
+    std = torch.cat([r.detach().flatten() for r in reps]).std()  # kaiming-normal fan-in: sqrt(2 / (8 * 9))
+    assert abs(float(std) / math.sqrt(2 / 72) - 1) < 0.15
