@@ -2,7 +2,7 @@
 
 Two separate conv modules and two BatchNorms per SpRe pair, plain N:M convs and linears, and
 every mask (N:M by `topk`, spatial by layer-wise `kthvalue`) recomputed on every forward —
-what a first implementation of SPRE.md §1-3 looks like.
+what a first implementation of docs/method.md §1-3 looks like.
 """
 
 from __future__ import annotations

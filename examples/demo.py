@@ -54,7 +54,7 @@ def main() -> None:
           f"{counts.count('dense')} dense layers")
 
     images, labels = make_dataset(max(8 * args.batch, 160), args.size)
-    # SPRE.md §5 recipe scaled to a tiny run: SGD momentum 0.9, label smoothing 0.1, and an LR near
+    # docs/method.md §5 recipe scaled to a tiny run: SGD momentum 0.9, label smoothing 0.1, and an LR near
     # 0.1 x batch / 256 (no warm-up or cosine schedule over 20 steps).
     opt = torch.optim.SGD(prepared.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -1,7 +1,7 @@
 """SpRe vs SR-STE vs unstructured sparsity on real data: scikit-learn's 8x8 handwritten digits.
 
 A small ResNet (3x3 conv -> BN -> ReLU blocks) is trained from scratch with every method and
-several seeds, under one optimizer and schedule (SPRE.md §5 recipe, scaled down):
+several seeds, under one optimizer and schedule (docs/method.md §5 recipe, scaled down):
 
     dense             no sparsity
     unstructured      layer-wise magnitude pruning at 50% (gradual, cubic ramp) of the layers

@@ -1,6 +1,6 @@
 """Train a torchvision model with N:M sparsity (SpRe or SR-STE) on an ImageFolder, then deploy it.
 
-The recipe is the paper's (SPRE.md §5): SGD momentum 0.9, LR 0.1 x batch / 256, cosine schedule
+The recipe is the paper's (docs/method.md §5): SGD momentum 0.9, LR 0.1 x batch / 256, cosine schedule
 after a linear warm-up, label smoothing 0.1, weight decay 1e-4, from scratch. The data folder holds
 `train/` and `val/`, each with one sub-folder per class (torchvision.datasets.ImageFolder).
 

@@ -25,12 +25,12 @@ def _as_patterns(name: str, value: str | Sequence[str] | None) -> tuple[str, ...
 class SpReConfig:
     """Options of `spre_fx.prepare`, validated on construction.
 
-    nm: keep N of every M consecutive weights along the input-channel axis (SPRE.md §1).
+    nm: keep N of every M consecutive weights along the input-channel axis (docs/method.md §1).
     spre: add the SpRe extra branch on k×k conv→BN pairs (False: plain N:M, the SR-STE baseline).
     include / skip: fnmatch patterns on qualified module names; `include=None` means every
         layer, `skip` wins over `include`.
-    dense_stem: leave the network's first conv dense (SPRE.md §5).
-    decay: λ of the SR-STE "sparse-refined" decay on pruned weights (SPRE.md §1).
+    dense_stem: leave the network's first conv dense (docs/method.md §5).
+    decay: λ of the SR-STE "sparse-refined" decay on pruned weights (docs/method.md §1).
     silent_branch: start every SpRe branch's BatchNorm at γ = 0, so that the prepared model
         starts as the N:M projection of the dense one (fine-tuning from a checkpoint).
     """

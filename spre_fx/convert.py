@@ -32,7 +32,7 @@ def _copy_except(model: nn.Module, replaced: list[str]) -> nn.Module:
 def convert(model: nn.Module, *, inplace: bool = False, backend: str = "dense") -> nn.Module:
     """Return the deployable form of a prepared model.
 
-    Every SpRe pair becomes one conv with bias (SPRE.md §4), every conv→BN pair found by
+    Every SpRe pair becomes one conv with bias (docs/method.md §4), every conv→BN pair found by
     `prepare` (dense ones too) is folded, and masks are baked into the weights: the result holds
     the user's own conv / linear classes only, each N:M layer exactly N:M along [O, kh, kw, C],
     and equals the prepared model in eval mode.

@@ -1,6 +1,6 @@
 """Pure tensor functions: N:M masks, spatial sparsity, the SpRe spatial mask, SR-STE.
 
-Everything here takes and returns tensors; no module state (SPRE.md §1-2).
+Everything here takes and returns tensors; no module state (docs/method.md §1-2).
 Conv weights are `[O, C, *kernel]` (C = in-channels per group), linear weights `[O, C]`;
 N:M groups run along C at a fixed `(o, *kernel)` position, i.e. along the last axis of
 `weight.movedim(1, -1)` = `[O, *kernel, C]`, the K order of a channels-last im2col GEMM.
@@ -163,7 +163,7 @@ def _tap_sparsity(kept: Tensor, total: int) -> Tensor:
 
 
 def spatial_sparsity(mask: Tensor) -> Tensor:
-    """s(h, w) = 1 - mean over (o, c) of a binary conv mask `[O, C, *kernel]` (SPRE.md §2)."""
+    """s(h, w) = 1 - mean over (o, c) of a binary conv mask `[O, C, *kernel]` (docs/method.md §2)."""
     if mask.dim() < 3:
         raise ValueError(f"expected a conv mask [O, C, *kernel], found shape {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
@@ -175,7 +175,7 @@ def spatial_mask(weight: Tensor, rate: float) -> Tensor:
     """The SpRe spatial mask S: taps that unstructured pruning at `rate` keeps denser than average.
 
     S[h, w] = s_U(h, w) < rate, with s_U the spatial sparsity of layer-wise magnitude
-    pruning of the dense latent weight (SPRE.md §3).
+    pruning of the dense latent weight (docs/method.md §3).
     """
     k = _pruned_count(rate, weight.numel())
     if weight.dim() < 3:
@@ -187,7 +187,7 @@ def spatial_mask(weight: Tensor, rate: float) -> Tensor:
 
 
 class _SRSTE(torch.autograd.Function):
-    """Forward W − W ⊙ P = W ⊙ M; backward dL/dW = dL/dW̃ + λ P ⊙ W (SPRE.md §1), P = 1 − M.
+    """Forward W − W ⊙ P = W ⊙ M; backward dL/dW = dL/dW̃ + λ P ⊙ W (docs/method.md §1), P = 1 − M.
 
     With P in {0, 1} both are exact (w − w = 0), and each is a single pass over the weight.
     """

@@ -1,4 +1,4 @@
-"""Train-time modules and their collapse, side by side (SPRE.md §3 and §4).
+"""Train-time modules and their collapse, side by side (docs/method.md §3 and §4).
 
 - `NMConv1d/2d/3d`, `NMLinear`: the user's layer with its weight seen through an N:M mask
   (SR-STE gradient).
@@ -100,7 +100,7 @@ def merge_spre(
     bn: BNStats,
     bn_rep: BNStats,
 ) -> tuple[Tensor, Tensor]:
-    """Collapse the two SpRe branches and their BatchNorms into one N:M conv (SPRE.md §4).
+    """Collapse the two SpRe branches and their BatchNorms into one N:M conv (docs/method.md §4).
 
     W' = (t_main·W + t_rep·(W_r ⊙ S)) ⊙ M_nm,  b' = shift_main + shift_rep (+ t_main·bias).
     supp(W') ⊆ supp(M_nm): the result is N:M without any projection.
@@ -428,7 +428,7 @@ class SpReConv2d(_NMMixin, nn.Conv2d):
             super()._compute_mask(name)
 
     def spatial_from_weight(self) -> Tensor:
-        """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (SPRE.md §3)."""
+        """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (method.md §3)."""
         return spatial_mask(self.weight, 1.0 - self.nm[0] / self.nm[1])
 
     def _rep_mask(self) -> Tensor:

@@ -387,12 +387,12 @@ def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, s
     if name in shared:
         return "its weight is shared with another module (tied weights)"
     if name == stem and config.dense_stem:
-        return "first conv of the network (stem) kept dense (SPRE.md §5); dense_stem=False changes it"
+        return "first conv of the network (stem) kept dense (docs/method.md §5); dense_stem=False changes it"
     c = m.weight.shape[1]
     if isinstance(m, _ConvNd) and c == 1 and m.groups > 1:
         return (
             "depthwise conv: one input channel per group, no channel run to group "
-            "(grouping across taps is not hardware N:M, SPRE.md §1)"
+            "(grouping across taps is not hardware N:M, docs/method.md §1)"
         )
     if c % config.m:
         per = "in-channels per group" if isinstance(m, _ConvNd) else "in_features"
@@ -468,7 +468,7 @@ def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any]
                 "SpRe branches are Conv2d-only (the BatchNorm is folded at convert)"
             )
         elif bn is not None:
-            treatment, reason = NM, f"{'x'.join(map(str, m.kernel_size))} conv: plain N:M (SPRE.md §3)"
+            treatment, reason = NM, f"{'x'.join(map(str, m.kernel_size))} conv: plain N:M (docs/method.md §3)"
         elif k_by_k and config.spre:
             treatment, reason = NM, f"no SpRe branch: {no_pair}"
         else:

@@ -26,7 +26,7 @@ class LayerReport:
         when C is not a multiple of M. sparsity: share of zero weights.
     spatial_sparsity: s(h, w) of the layer's effective weight (convs only).
     unstructured_spatial_sparsity: s_U(h, w) of layer-wise magnitude pruning at 1 - N/M, the
-        reference SpRe follows (SPRE.md §2); spatial_mask: the SpRe taps S (spre layers).
+        reference SpRe follows (docs/method.md §2); spatial_mask: the SpRe taps S (spre layers).
     kernel: whether the 2:4 sparse-kernel path applies and why not (spre_fx.export.KernelAdvice).
     """
 

@@ -1,7 +1,7 @@
 """spre_fx/calibration.py: recalibrate_bn against statistics written out by hand.
 
 The reference recomputes every pre-BN activation with torch.nn.functional convolutions of the
-masked weights (SPRE.md §3) and averages per-batch means and unbiased variances, as a
+masked weights (docs/method.md §3) and averages per-batch means and unbiased variances, as a
 cumulative (momentum=None) BatchNorm does; it never calls the code under test.
 """
 

@@ -106,7 +106,6 @@ def test_relative_links_and_anchors_resolve(page: Path):
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.xfail(strict=True, reason="until the lead replaces code citations")
 def test_nothing_cites_the_out_of_tree_method_file():
     old = "SPRE" + ".md"  # spelt in two parts so that this file does not cite it
     citing = sorted(

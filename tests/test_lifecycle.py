@@ -1,6 +1,6 @@
 """Masks through a model's life: train, eval, copy, checkpoint, dense load, schedule, freeze, convert.
 
-The invariant (SPRE.md §1, issue 13): a mask that is not held on purpose is the mask of its
+The invariant (docs/method.md §1, issue 13): a mask that is not held on purpose is the mask of its
 layer's current weight, at every forward (train and eval) and in `convert`; a held one (a
 `MaskScheduler`'s schedule, a user freeze) is exactly what was held. Expected masks come from
 `nm_mask` / `spatial_mask` (checked against plain-Python references in test_masks.py) applied

@@ -416,7 +416,7 @@ def test_srste_forward_and_gradient(shape, decay, seed):
 
 
 def test_srste_default_decay_is_2e_4():
-    """The default λ is SPRE.md's 2e-4."""
+    """The default λ is docs/method.md's 2e-4."""
     w = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(4, 8) < 0.5
     srste(w, mask).sum().backward()

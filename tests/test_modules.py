@@ -1,6 +1,6 @@
 """Property tests for spre_fx/modules.py: BN folding, the SpRe merge, adopted train-time modules.
 
-References are written out by hand from SPRE.md §3-§4 with torch.nn.functional convolutions and
+References are written out by hand from docs/method.md §3-§4 with torch.nn.functional convolutions and
 an explicit `(y − μ)/sqrt(σ² + ε)·γ + β`, never with the code under test.
 """
 

@@ -261,7 +261,7 @@ def test_conv1d_and_conv3d_get_nm_and_fold():
     assert plan(m1)["1"].reason.startswith("3 Conv1d followed by BatchNorm '2'")
     roundtrip(m3, torch.randn(2, 3, 8, 8, 8))
     pointwise = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8))
-    assert plan(pointwise)["1"].reason == "1x1x1 conv: plain N:M (SPRE.md §3)"
+    assert plan(pointwise)["1"].reason == "1x1x1 conv: plain N:M (docs/method.md §3)"
 
 
 class OptionalNorm(nn.Module):

@@ -1,4 +1,4 @@
-# Faster R-CNN-R50-FPN, 1x COCO, SpRe 2:4, trained from scratch (SPRE.md §5).
+# Faster R-CNN-R50-FPN, 1x COCO, SpRe 2:4, trained from scratch (docs/method.md §5).
 # Two-stage detectors do not trace whole with fx: spre_fx prepares the backbone, neck, RPN and
 # RoI heads where they trace (spre_report.txt in the work dir lists every layer and why).
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'

@@ -1,4 +1,4 @@
-# FCOS-R50-FPN (GN head), 1x COCO, SpRe 2:4, trained from scratch (SPRE.md §5).
+# FCOS-R50-FPN (GN head), 1x COCO, SpRe 2:4, trained from scratch (docs/method.md §5).
 # mmdet's FCOS 1x config is the caffe-style one with frozen BatchNorms, made for Caffe ImageNet
 # weights; from scratch the backbone is pytorch-style, its BatchNorms train, and the input is
 # normalised with ImageNet statistics. The GN head convs get plain N:M (no BatchNorm to pair).

@@ -1,4 +1,4 @@
-# RetinaNet-R50-FPN, 1x COCO, SpRe 2:4, trained from scratch (SPRE.md §5: no ImageNet weights).
+# RetinaNet-R50-FPN, 1x COCO, SpRe 2:4, trained from scratch (docs/method.md §5: no ImageNet weights).
 # mmdet's own config is inherited whole; only the model is wrapped by SpReDetector.
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 
