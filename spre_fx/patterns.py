@@ -389,6 +389,8 @@ def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, s
     if name == stem and config.dense_stem:
         return "first conv of the network (stem) kept dense (docs/method.md §5); dense_stem=False changes it"
     c = m.weight.shape[1]
+    if c == 0 or m.weight.shape[0] == 0:
+        return f"empty weight {tuple(m.weight.shape)}: nothing to make N:M"
     if isinstance(m, _ConvNd) and c == 1 and m.groups > 1:
         return (
             "depthwise conv: one input channel per group, no channel run to group "

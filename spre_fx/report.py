@@ -116,7 +116,7 @@ def _kernel_footer(rep: Report) -> list[str]:
 def _layer_report(lp, module: nn.Module, n: int, m: int, kernel: KernelAdvice | None = None) -> LayerReport:
     w = dense_weight(module)
     cov = None
-    if w.dim() >= 2 and w.shape[1] % m == 0:
+    if w.dim() >= 2 and w.numel() and w.shape[1] % m == 0:
         groups = w.numel() // m
         cov = 1.0 - nm_violations(w, n, m) / groups
     spatial = unstructured = smask = None

@@ -227,8 +227,9 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_zero_input_channels_raise_instead_of_crashing():
-    """nm_mask and prepare on a conv with 0 input channels: a ValueError, not SIGFPE in the C kernel
-    (the kernels decline such a weight)."""
+    """nm_mask on a weight with 0 input channels: a ValueError, not SIGFPE in the C kernel (the
+    kernels decline such a weight); prepare leaves such a conv dense, saying why, and the report
+    and convert of the model work."""
     done = _run_python("""
         import torch
         from torch import nn
@@ -238,15 +239,17 @@ def test_zero_input_channels_raise_instead_of_crashing():
         empty = torch.randn(4, 0, 3, 3)
         assert not _native.nm_mask(empty, 2, 4, torch.zeros(empty.shape, dtype=torch.bool))
         assert _native.spatial_kept(empty, 1) is None
-        for call in (lambda: nm_mask(torch.randn(4, 0, 3, 3), 2, 4),
-                     lambda: spre_fx.prepare(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(0, 8, 3)),
-                                             dense_stem=False)):
-            try:
-                call()
-            except ValueError as e:
-                assert "no input channels" in str(e), e
-            else:
-                raise SystemExit("no error")
+        try:
+            nm_mask(torch.randn(4, 0, 3, 3), 2, 4)
+        except ValueError as e:
+            assert "no input channels" in str(e), e
+        else:
+            raise SystemExit("no error")
+        model = spre_fx.prepare(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(0, 8, 3)), dense_stem=False)
+        lp = spre_fx.report(model).layers[1]
+        assert lp.treatment == "dense" and lp.reason.startswith("empty weight (8, 0, 3, 3)"), lp
+        assert lp.nm_coverage is None
+        spre_fx.report(spre_fx.convert(model))
         print("refused")
     """)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
