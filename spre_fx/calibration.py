@@ -74,7 +74,7 @@ def recalibrate_bn(
     include_frozen: bool = False,
 ) -> list[str]:
     """Re-estimate the running mean and variance of every BatchNorm of `model` (both SpRe
-    branches included) from `batches`, under the masks the model holds now.
+    branches included) from `batches`, under the masks in force (held ones, or those of the current weights).
 
     `torch.optim.swa_utils.update_bn` does the averaging: statistics are reset, then the
     equal-weight mean over batches of each batch's mean and (unbiased) variance replaces them;

@@ -75,7 +75,13 @@ def _trained(seed: int, scheduler: bool):
 
 
 def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    """The state dict, with every mask as the layer computes with it now: without a scheduler the
+    stored masks catch up with the last optimizer step at the next forward (docs/training.md)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, m in model.named_modules():
+        if hasattr(m, "current_masks"):
+            state.update({f"{name}.{k}": v.clone() for k, v in m.current_masks().items()})
+    return state
 
 
 @settings(max_examples=12, deadline=None)
@@ -104,17 +110,27 @@ def test_statistics_equal_hand_computed_ones_and_nothing_else_changes(seed, n_ba
     assert all(m.training for m in model.modules())  # it was in training mode before
 
 
-def test_masks_hold_without_a_scheduler_where_a_train_mode_pass_would_move_them():
-    """update_bn's whole-model train mode would recompute masks from a weight changed since."""
+@pytest.mark.parametrize("frozen", [False, True])
+def test_statistics_are_those_of_the_masks_in_force(frozen):
+    """After a hand-written weight change (e.g. a loaded checkpoint) the masks in force are those
+    of the new weight, what eval and convert use (docs/training.md); masks frozen on purpose stay
+    the frozen ones. Recalibration normalises under exactly those and leaves them in force."""
     model, _ = _trained(0, scheduler=False)
+    if frozen:
+        spre_fx.freeze_masks(model)
+    held = {k: v.clone() for k, v in model.conv1.current_masks().items()}
     with torch.no_grad():
-        model.conv1.weight.copy_(torch.randn_like(model.conv1.weight))  # e.g. a loaded checkpoint
-    masks = model.conv1.nm_mask.clone(), model.conv1.spatial_mask.clone()
-    spre_fx.recalibrate_bn(model, [torch.randn(4, 8, 6, 6, dtype=torch.float64)])
-    assert torch.equal(model.conv1.nm_mask, masks[0]) and torch.equal(model.conv1.spatial_mask, masks[1])
-    model.train()
-    model(torch.randn(4, 8, 6, 6, dtype=torch.float64))
-    assert not torch.equal(model.conv1.nm_mask, masks[0])  # the hazard this test guards against
+        model.conv1.weight.copy_(torch.randn_like(model.conv1.weight))
+    expected = {k: v.clone() for k, v in model.conv1.current_masks().items()}
+    assert all(torch.equal(expected[k], held[k]) for k in held) == frozen
+    batches = [torch.randn(4, 8, 6, 6, dtype=torch.float64)]
+    spre_fx.recalibrate_bn(model, batches)
+    for name, mask in expected.items():
+        assert torch.equal(getattr(model.conv1, name), mask), name
+    modules = dict(model.named_modules())
+    for name, (mean, var) in _reference_stats(model, batches).items():
+        torch.testing.assert_close(modules[name].running_mean, mean, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(modules[name].running_var, var, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_modes_restored_eval_branches_taken_and_loader_batches():
@@ -188,7 +204,7 @@ def test_no_batches_raises_before_any_statistic_changes():
     before = _state(model)
     with pytest.raises(ValueError, match="no batches"):
         spre_fx.recalibrate_bn(model, [])
-    for key, value in model.state_dict().items():
+    for key, value in _state(model).items():
         assert torch.equal(value, before[key]), key
 
 
@@ -211,14 +227,14 @@ def test_mmdet_detector_norm_eval_and_frozen_stages():
     model = MODELS.build(cfg.model)
     model.eval()
     frozen, free = model.backbone.layer1[0].bn1, model.backbone.layer2[0].bn1
-    stats = {bn: bn.running_mean.clone() for bn in (frozen, frozen.rep, free, free.rep)}
+    assert not hasattr(frozen, "rep")  # a frozen stage gets no SpRe branch (docs/support.md)
+    stats = {bn: bn.running_mean.clone() for bn in (frozen, free, free.rep)}
     masks = model.backbone.layer2[0].conv1.nm_mask.clone()
     batches = [{"inputs": torch.randn(2, 3, 64, 64), "mode": "tensor"}]
 
     names = spre_fx.recalibrate_bn(model, batches)
     assert "backbone.layer2.0.bn1.rep" in names and "backbone.layer1.0.bn1" not in names
-    for bn in (frozen, frozen.rep):
-        assert torch.equal(bn.running_mean, stats[bn])
+    assert torch.equal(frozen.running_mean, stats[frozen])
     for bn in (free, free.rep):
         assert not torch.equal(bn.running_mean, stats[bn])
     assert torch.equal(model.backbone.layer2[0].conv1.nm_mask, masks)
