@@ -7,6 +7,7 @@ changes no mask. Masks live in module buffers, so a model checkpoint holds them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -167,12 +168,33 @@ class MaskScheduler:
         step count is kept."""
         self._update(move_nm=self.step >= self.schedule.warmup_steps, move_spatial=True)
 
+    def _settled(self, freeze: int | None) -> bool:
+        """Whether the schedule has fixed masks of this kind for good (no step moves them again)."""
+        return freeze is not None and self.step >= freeze
+
     def remove(self) -> None:
-        """Detach from the optimizer; the layers go back to following their weights."""
+        """Detach from the optimizer. Layers whose masks the schedule has fixed for good (every
+        kind past its `*_freeze_after`) keep them frozen, as the schedule says, through eval,
+        copies and convert; the others go back to following their weights."""
         self._handle.remove()
-        for m in self.layers.values():
+        s = self.schedule
+        nm_done, spatial_done = self._settled(s.nm_freeze_after), self._settled(s.spatial_freeze_after)
+        partly = []
+        for name, m in self.layers.items():
+            kinds = (nm_done, spatial_done) if isinstance(m, SpReConv2d) else (nm_done,)
+            if all(kinds):
+                m.frozen = True  # while still scheduled: the masks in force are held as they are
+            elif any(kinds):
+                partly.append(name)
             m.scheduled = False
             m.set_dense_warmup(False)
+        if partly:
+            warnings.warn(
+                f"MaskScheduler.remove(): the schedule fixed only some masks of {len(partly)} SpRe "
+                f"layer(s) (e.g. '{partly[0]}'); they now follow their weights. Call "
+                "spre_fx.freeze_masks(model) before remove() to keep every mask as it is.",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

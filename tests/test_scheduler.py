@@ -248,3 +248,41 @@ def test_refresh_masks_after_reinitialising_weights():
     assert not follows_weights(p)
     sched.refresh_masks()
     assert follows_weights(p) and sched.step == 0
+
+
+def test_remove_after_the_schedule_froze_every_mask_keeps_them_for_eval_copy_and_convert():
+    """Fine-tuning under `nm_freeze_after` / `spatial_freeze_after`, then `remove()`: the masks
+    stay those the schedule froze (the weights trained under them), not those of the final weights."""
+    import copy
+
+    from spre_fx.masks import nm_mask as nm_of
+
+    torch.manual_seed(0)
+    model = spre_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, bias=False),
+                                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    sched = spre_fx.MaskScheduler(model, opt, nm_freeze_after=1, spatial_freeze_after=0)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(4):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    conv = model[1]
+    frozen = conv.nm_mask.clone(), conv.spatial_mask.clone()
+    assert not torch.equal(nm_of(conv.weight, 2, 4), frozen[0])  # the weights moved on
+    sched.remove()
+    model.eval()(x)
+    for m in (model, copy.deepcopy(model)):
+        assert torch.equal(m[1].nm_mask, frozen[0]) and torch.equal(m[1].spatial_mask, frozen[1])
+    support = spre_fx.convert(model)[1].weight != 0
+    assert not (support & ~frozen[0]).any()  # the deployed weight lives on the frozen N:M mask
+
+
+def test_remove_with_only_some_masks_frozen_warns_and_releases():
+    torch.manual_seed(0)
+    model = spre_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(model, opt, spatial_freeze_after=0)
+    with pytest.warns(UserWarning, match="fixed only some masks"):
+        sched.remove()
+    assert not model[1].frozen
