@@ -280,7 +280,8 @@ def test_remove_after_the_schedule_froze_every_mask_keeps_them_for_eval_copy_and
 
 def test_remove_with_only_some_masks_frozen_warns_and_releases():
     torch.manual_seed(0)
-    model = spre_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8)))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8))
+    model = spre_fx.prepare(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = spre_fx.MaskScheduler(model, opt, spatial_freeze_after=0)
     with pytest.warns(UserWarning, match="fixed only some masks"):
