@@ -229,7 +229,8 @@ def _run(model: nn.Module, names: list[str], args: tuple, kwargs: dict, on_call)
     handles = [mod.register_forward_hook(observer(ns)) for mod, ns in by_module.values()]
     try:
         with modes_restored(model), torch.no_grad():
-            return model.eval()(*args, **kwargs)
+            model.eval()  # not chained: some train() overrides (mmdet's ResNet) return None
+            return model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()

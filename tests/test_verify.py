@@ -140,3 +140,17 @@ def test_torchvision_fcos_shared_head_verifies_every_level():
     assert result.output_error <= 1e-5
     assert len(result.call_errors["head.classification_head.cls_logits"]) == 5
     assert len(result.call_errors["head.regression_head.conv.0"]) == 5
+
+
+def test_verify_a_model_whose_train_returns_none():
+    """mmdet's ResNet overrides train() without returning self: verify must not chain on it."""
+
+    class NoneTrain(nn.Sequential):
+        def train(self, mode: bool = True):
+            super().train(mode)
+
+    torch.manual_seed(0)
+    model = spre_fx.prepare(NoneTrain(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)))
+    model.eval()
+    result = spre_fx.verify(model, spre_fx.convert(model), torch.randn(2, 3, 8, 8))
+    assert set(result.layer_errors) == {"0", "2"}
