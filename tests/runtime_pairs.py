@@ -10,24 +10,14 @@ one consumer of the conv's node). A conv must pair with the same norm in every m
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
-def tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a nested output (tensors, dicts, lists, tuples)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from tensors(v)
+from spre_fx.compare import flat_tensors as tensors  # every tensor of a nested output
 
 
 def _consumers(roots: list[torch.Tensor]) -> Counter:
