@@ -63,9 +63,9 @@ from torch.nn import functional as F
 
 import spre_fx
 from spre_fx.compare import relative_error
-from spre_fx.export import SemiStructuredConv2d, advise, gemm_weight, pack_weight, to_semi_structured
-from spre_fx.patterns import DENSE
-from spre_fx.prepare import plan_of, set_module
+from spre_fx.deploy import SemiStructuredConv2d, advise, gemm_weight, pack_weight, to_semi_structured
+from spre_fx.module_tree import set_module
+from spre_fx.plan import Treatment, plan_of
 
 try:
     from train_step import training_macs
@@ -301,7 +301,7 @@ def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def nm_layers(model: nn.Module) -> list[str]:
-    return [lp.name for lp in plan_of(model).layers if lp.treatment != DENSE]
+    return [lp.name for lp in plan_of(model).layers if lp.treatment != Treatment.DENSE]
 
 
 def im2col_model(model: nn.Module, names: list[str]) -> nn.Module:
@@ -985,7 +985,7 @@ def _mask_update_ms(ctx: Context, models: dict) -> dict:
         out[k] = {
             "all": _wall_ms(ctx, lambda layers=layers: [m.update_masks() for m in layers]),
             "nm": _wall_ms(
-                ctx, lambda layers=layers: [nm_mask(m.weight, *m.nm, out=m.nm_mask) for m in layers]
+                ctx, lambda layers=layers: [nm_mask(m.weight, *m.spre_fx.nm, out=m.nm_mask) for m in layers]
             ),
             "layers": len(layers),
             "spre_layers": len(spatial),

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import spre_fx
-from spre_fx.patterns import discover
+from spre_fx.discovery import discover
 
 
 def topk_nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ def run_one(variant: str, model_name: str, batch: int, size: int, threads: int) 
     import torchvision
 
     import spre_fx
-    from spre_fx.modules import SpReConv2d
+    from spre_fx.layers import SpReConv2d
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 import spre_fx
-from spre_fx.modules import SpReConv2d
+from spre_fx.layers import SpReConv2d
 
 try:
     from naive_spre import naive_spre

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import spre_fx
-from spre_fx.modules import SpReBatchNorm2d, SpReConv2d
+from spre_fx.layers import SpReBatchNorm2d, SpReConv2d
 
 METHODS = ("dense", "unstructured", "srste", "spre")
 ABLATIONS = ("shared-bn", "random-taps", "frozen-s", "silent")
@@ -118,7 +118,7 @@ class SharedBatchNorm2d(SpReBatchNorm2d):
     """
 
     def forward(self, input):
-        return self._spre_norm_spec.post(self, nn.BatchNorm2d.forward(self, input.main + input.rep))
+        return self.spre_fx.spec.post(self, nn.BatchNorm2d.forward(self, input.main + input.rep))
 
     @torch.no_grad()
     def tie_rep(self) -> None:

@@ -5,38 +5,67 @@
     print(spre_fx.report(deployed))
     sparse = spre_fx.convert(model.half().cuda(), backend="semi_structured")  # 2:4 kernels, CUDA
     spre_fx.export_onnx(deployed, x, "model.onnx")   # then TensorRT: docs/deploy.md
+
+The stages, in the order data flows (docs/pipeline.md): discovery, rewrite (`prepare`),
+layers, scheduling (`MaskScheduler`), calibration, collapse and deploy (`convert`), reporting
+and verification (`report`, `verify`).
 """
 
 from .calibration import recalibrate_bn
 from .config import SpReConfig
-from .convert import convert
-from .export import OnnxExport, SemiStructuredConv2d, export_onnx
-from .modules import convert_sync_batchnorm, freeze_masks
-from .prepare import prepare
+from .conversion import convert
+from .deploy import (
+    Advice,
+    FlopEstimate,
+    KernelAdvice,
+    OnnxExport,
+    OnnxWeight,
+    advise,
+    export_onnx,
+    to_semi_structured,
+)
+from .layers import convert_sync_batchnorm, freeze_masks
+from .plan import LayerPlan, Plan, Treatment, plan_of
 from .registry import register_leaf_function, register_leaf_module, register_norm
-from .report import Report, VerificationError, VerifyResult, report, verify
-from .scheduler import MaskSchedule, MaskScheduler
+from .reporting import LayerReport, Report, report
+from .rewrite import prepare
+from .scheduling import MaskSchedule, MaskScheduler
+from .verification import VerificationError, VerifyResult, verify
 
 __all__ = [
+    # configure, prepare, train
     "SpReConfig",
     "prepare",
-    "convert",
-    "export_onnx",
-    "OnnxExport",
-    "SemiStructuredConv2d",
-    "convert_sync_batchnorm",
-    "report",
     "MaskScheduler",
     "MaskSchedule",
     "freeze_masks",
     "recalibrate_bn",
-    "verify",
-    "Report",
-    "VerifyResult",
-    "VerificationError",
+    "convert_sync_batchnorm",
     "register_leaf_module",
     "register_leaf_function",
     "register_norm",
+    # what prepare decided
+    "plan_of",
+    "Plan",
+    "LayerPlan",
+    "Treatment",
+    # convert, deploy
+    "convert",
+    "to_semi_structured",
+    "advise",
+    "Advice",
+    "KernelAdvice",
+    "FlopEstimate",
+    "export_onnx",
+    "OnnxExport",
+    "OnnxWeight",
+    # report, verify
+    "report",
+    "Report",
+    "LayerReport",
+    "verify",
+    "VerifyResult",
+    "VerificationError",
 ]
 
 __version__ = "0.1.0"

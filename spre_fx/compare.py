@@ -1,15 +1,14 @@
-"""Comparing what two models compute: nested outputs as tensors, relative error, mode safety."""
+"""Comparing what two models compute: nested outputs as tensors, structure, relative error."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["flat_tensors", "mismatch", "relative_error", "modes_restored"]
+__all__ = ["flat_tensors", "mismatch", "relative_error"]
 
 
 def flat_tensors(obj: Any) -> Iterator[Tensor]:
@@ -88,14 +87,3 @@ def relative_error(reference: Any, other: Any) -> float:
                 return float("inf")
             worst = max(worst, err)
     return worst
-
-
-@contextmanager
-def modes_restored(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a block that may switch train/eval; every module's own flag is restored after."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode

@@ -24,6 +24,7 @@ __all__ = [
     "srste",
     "srste_pruned",
     "pruned_indicator",
+    "mask_kernels",
 ]
 
 # Above this M a stable sort is cheaper than the M×M pairwise rank.
@@ -222,3 +223,9 @@ def srste(weight: Tensor, mask: Tensor, decay: float = 2e-4) -> Tensor:
 def srste_pruned(weight: Tensor, pruned: Tensor, decay: float = 2e-4) -> Tensor:
     """`srste` given P = 1 − M in the weight's dtype (what a layer caches once per mask)."""
     return _SRSTE.apply(weight, pruned, decay)
+
+
+def mask_kernels() -> str:
+    """What computes `nm_mask` and `spatial_mask` for float CPU weights here: 'native' (the C
+    kernels of spre_fx/_native.c) or 'torch (<why not native>)'."""
+    return _native.backend()

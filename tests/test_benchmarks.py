@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from spre_fx import export
+from spre_fx.deploy import SemiStructuredConv2d, backend
 from spre_fx.masks import nm_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path
     the selective model, every table of a GPU run) run here with torch's packing call replaced
     by the identity, as tests/test_export.py does: a Python error there would cost the call."""
     gc = _load_gpu_check(monkeypatch)
-    monkeypatch.setattr(export, "_sparse_from_dense", lambda cls, weight: weight)
+    monkeypatch.setattr(backend, "_sparse_from_dense", lambda cls, weight: weight)
     ctx = gc.Context(gc.DRY, False, torch.device("cpu"), tmp_path, gc.Deadline(time.monotonic() + 600), {})
     kernels = {"cusparselt": None, "cutlass": "not here"}
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path
     assert chosen == ["0"]
     x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
     selective = gc._pack_only(net, chosen, "cusparselt")
-    assert isinstance(selective[0], export.SemiStructuredConv2d) and type(selective[2]) is nn.Conv2d
+    assert isinstance(selective[0], SemiStructuredConv2d) and type(selective[2]) is nn.Conv2d
     with torch.no_grad():
         torch.testing.assert_close(selective(x), net(x), rtol=2e-2, atol=2e-2)
     # every table of a GPU run renders, with the fields the parts write
@@ -225,8 +225,8 @@ def test_gpu_check_trains_on_cpu_if_the_gpu_fails_and_e2e_runs_every_variant(tmp
     assert gc.trained(ctx) == (prepared, converted)  # built once
     # on that model, the whole-model part's GPU branch (every variant built and timed) runs with
     # torch's packing call replaced by the identity, in bfloat16 (what the 2:4 path takes)
-    monkeypatch.setattr(export, "_sparse_from_dense", lambda cls, weight: weight)
-    monkeypatch.setattr(export, "_require_cuda", lambda model: None)
+    monkeypatch.setattr(backend, "_sparse_from_dense", lambda cls, weight: weight)
+    monkeypatch.setattr(backend, "_require_cuda", lambda model: None)
     monkeypatch.setattr(gc, "kernels_here", lambda ctx: {"cusparselt": None, "cutlass": "not here"})
     bf16 = dataclasses.replace(gc.DRY, dtypes=(torch.bfloat16,))
     deadline = gc.Deadline(time.monotonic() + 600)

@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import spre_fx
+from spre_fx.layers import SpReConv2d
 from spre_fx.masks import is_nm
-from spre_fx.modules import SpReConv2d
 
 from .nets import TinyNet, tiny_input, train_steps
 
@@ -155,7 +155,7 @@ def test_converted_resnet_matches_and_keeps_class():
     c = spre_fx.convert(p)
     assert type(c) is type(model)
     assert {type(m) for m in c.modules()}.isdisjoint(
-        {spre_fx.modules.SpReConv2d, spre_fx.modules.NMConv2d, nn.BatchNorm2d})
+        {spre_fx.layers.SpReConv2d, spre_fx.layers.NMConv2d, nn.BatchNorm2d})
     spre_fx.verify(p, c, x)
     # Same parameter count as the dense model with BN folded: zero inference overhead.
     dense_folded = sum(m.weight.numel() + m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))

@@ -17,10 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import spre_fx
-from spre_fx import export
-from spre_fx.export import SemiStructuredConv2d, gemm_weight, pack_weight
+from spre_fx.deploy import SemiStructuredConv2d, backend, gemm_weight, pack_weight
 from spre_fx.masks import is_nm, nm_mask, nm_violations
-from spre_fx.prepare import plan_of
+from spre_fx.plan import plan_of
 
 from .nets import conv_bn, train_steps
 
@@ -199,7 +198,7 @@ def test_pack_weight_checks_the_pattern_before_packing(monkeypatch):
         with pytest.raises(RuntimeError, match="CUDA"):  # torch's own refusal, after our check passed
             pack_weight(good, "cusparselt")
     seen = []
-    monkeypatch.setattr(export, "_sparse_from_dense", lambda cls, t: seen.append(cls.BACKEND) or t)
+    monkeypatch.setattr(backend, "_sparse_from_dense", lambda cls, t: seen.append(cls.BACKEND) or t)
     assert torch.equal(pack_weight(good, "cutlass"), good) and seen == ["cutlass"]
 
 
@@ -226,7 +225,7 @@ def fake_kernels(monkeypatch):
     Records every N:M check and every pack, in order.
     """
     events: list[tuple[str, torch.Tensor]] = []
-    real = export.nm_violations
+    real = backend.nm_violations
 
     def checked(weight, n, m):
         events.append(("check", weight.detach().clone()))
@@ -236,10 +235,10 @@ def fake_kernels(monkeypatch):
         events.append(("pack", weight))
         return weight
 
-    monkeypatch.setattr(export, "_require_cuda", lambda model: None)
-    monkeypatch.setattr(export, "_capability", lambda model: None)
-    monkeypatch.setattr(export, "nm_violations", checked)
-    monkeypatch.setattr(export, "_sparse_from_dense", packed)
+    monkeypatch.setattr(backend, "_require_cuda", lambda model: None)
+    monkeypatch.setattr(backend, "capability", lambda model: None)
+    monkeypatch.setattr(backend, "nm_violations", checked)
+    monkeypatch.setattr(backend, "_sparse_from_dense", packed)
     return events
 
 
@@ -248,7 +247,7 @@ def test_backend_pipeline_with_identity_packing(fake_kernels, dtype):
     x = torch.randn(2, 3, 12, 12)
     p, dense = _converted(DeployNet(), x)
     dense = dense.to(dtype)
-    sparse = export.to_semi_structured(dense)
+    sparse = spre_fx.to_semi_structured(dense)
     modules = dict(sparse.named_modules())
     assert isinstance(modules["down"], SemiStructuredConv2d)
     assert isinstance(modules["dil"], SemiStructuredConv2d)
@@ -274,7 +273,7 @@ def test_backend_refuses_a_weight_that_lost_its_pattern(fake_kernels):
     with torch.no_grad():
         dense.dil.weight[0, :4, 0, 0] = 1.0  # one group of 4 with 4 non-zeros
     with pytest.raises(ValueError, match="'dil'.*break 2:4"):
-        export.to_semi_structured(dense, inplace=True)
+        spre_fx.to_semi_structured(dense, inplace=True)
     assert not any(kind == "pack" for kind, _ in fake_kernels)  # checked all before packing any
     assert not isinstance(dense.down, SemiStructuredConv2d)
 
@@ -282,14 +281,14 @@ def test_backend_refuses_a_weight_that_lost_its_pattern(fake_kernels):
 def test_backend_float32_and_non_2_4_patterns_stay_dense(fake_kernels):
     x = torch.randn(2, 3, 12, 12)
     _, dense = _converted(DeployNet(), x)
-    fp32 = export.to_semi_structured(dense)  # float32 2:4: no kernel
+    fp32 = spre_fx.to_semi_structured(dense)  # float32 2:4: no kernel
     assert not any(isinstance(m, SemiStructuredConv2d) for m in fp32.modules())
     assert {lr.kernel.code for lr in spre_fx.report(fp32).layers} == {"dense", "dtype", "groups"}
     _, dense48 = _converted(DeployNet(), x, nm=(4, 8))
     rep = spre_fx.report(dense48.half())
     assert rep.layers[1].kernel.code == "pattern" and "4:8 is not 2:4" in rep.layers[1].kernel.reason
     _, dense12 = _converted(DeployNet(), x, nm=(1, 2))  # 1:2 is also 2:4 (and float32's 1:2)
-    adv = export.advise(dense12)  # float32 1:2: CUTLASS only (compute capability 8.x)
+    adv = spre_fx.advise(dense12)  # float32 1:2: CUTLASS only (compute capability 8.x)
     assert adv.layers["down"].code == "ok" and adv.layers["down"].backends == ("cutlass",)
     assert spre_fx.report(dense12.half()).layers[1].kernel.code == "ok"
 
@@ -321,7 +320,7 @@ def test_advisor_reasons_and_flop_share():
     assert small.flops is not None and small.flops.sparse_macs == 0
     assert {lr.kernel.code for lr in small.layers} == {"dense", "small", "groups", "shape"}
     # ... and the share counts exactly the MACs of the layers that pass, at a lower threshold.
-    adv = export.advise(c, input_size=(4, 3, 32, 32), dtype=torch.float16, min_gemm_macs=0)
+    adv = spre_fx.advise(c, input_size=(4, 3, 32, 32), dtype=torch.float16, min_gemm_macs=0)
     out = {"stem.0": 32 * 32 * 32, "down": 64 * 16 * 16, "dil": 64 * 16 * 16, "point": 64 * 16 * 16,
            "grouped": 64 * 16 * 16, "odd": 24 * 16 * 16, "fc": 256, "fc2": 64}
     k = {"stem.0": 27, "down": 288, "dil": 576, "point": 64, "grouped": 288, "odd": 576, "fc": 24, "fc2": 256}
@@ -418,7 +417,7 @@ def test_export_onnx_refuses_broken_weights_and_sparse_kernels(tmp_path, fake_ke
         broken.point.weight.fill_(1.0)
     with pytest.raises(ValueError, match=r"\['point'\] are no longer 2:4"):
         spre_fx.export_onnx(broken, (x,), str(tmp_path / "b.onnx"), dynamo=False)
-    im2col = export.to_semi_structured(c.half(), min_weight_elems=0)
+    im2col = spre_fx.to_semi_structured(c.half(), min_weight_elems=0)
     assert any(isinstance(m, SemiStructuredConv2d) for m in im2col.modules())
     with pytest.raises(ValueError, match="semi-structured kernels"):
         spre_fx.export_onnx(im2col, (x.half(),), str(tmp_path / "s.onnx"), dynamo=False)
@@ -456,7 +455,7 @@ def _gpu_models(dtype, kernel="auto"):
     if kernel == "auto":
         sparse = spre_fx.convert(p.to(dtype), backend="semi_structured")
     else:
-        sparse = export.to_semi_structured(dense, kernel=kernel)
+        sparse = spre_fx.to_semi_structured(dense, kernel=kernel)
     return x.to(dtype), dense, sparse
 
 

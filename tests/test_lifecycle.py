@@ -22,7 +22,7 @@ from torch import nn
 
 import spre_fx
 from spre_fx.masks import is_nm, nm_mask, spatial_mask
-from spre_fx.prepare import plan_of
+from spre_fx.plan import plan_of
 
 DT = torch.float64
 RATE = 0.5  # 1 - N/M for 2:4
@@ -109,7 +109,7 @@ def reference(model: nn.Module, expected: dict[str, dict]) -> nn.Module:
     ref = copy.deepcopy(model)
     for name in LAYERS:
         layer = ref.get_submodule(name)
-        layer.frozen = True
+        layer.freeze_masks(True)
         for k, v in expected[name].items():
             getattr(layer, k).copy_(v)
     return ref.eval()
@@ -289,7 +289,7 @@ def test_frozen_masks_stay_through_steps_eval_convert_and_scheduler():
     assert all(equal_masks(stored(p.get_submodule(n)), held[n]) for n in LAYERS)
     assert_converts_exactly(p, held, batch(5))
     sched.remove()
-    assert all(p.get_submodule(n).frozen for n in LAYERS)  # removing the scheduler keeps a user freeze
+    assert all(p.get_submodule(n).spre_fx.frozen for n in LAYERS)  # remove() keeps a user freeze
     spre_fx.freeze_masks(p, False)
     eval_out(p, batch(6))
     assert all(equal_masks(stored(p.get_submodule(n)), masks_of_weight(p.get_submodule(n))) for n in LAYERS)
@@ -487,14 +487,14 @@ class Lifecycle(RuleBasedStateMachine):
     @precondition(lambda self: not self.warming_up())
     @rule(name=st.sampled_from(LAYERS), on=st.booleans())
     def freeze(self, name, on):
-        """A user freeze of one layer (`layer.frozen = ...`), outside a dense warm-up."""
+        """A user freeze of one layer (`layer.freeze_masks(...)`), outside a dense warm-up."""
         if on and name not in self.frozen:
             held = {k: v.clone() for k, v in self.expected(name).items()}
-            self.layer(name).frozen = True
+            self.layer(name).freeze_masks(True)
             self.frozen[name] = held
         elif not on and name in self.frozen:
             held = self.frozen.pop(name)
-            self.layer(name).frozen = False
+            self.layer(name).freeze_masks(False)
             if self.sched is not None:
                 self.scheduled[name] = held
 

@@ -25,9 +25,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import spre_fx  # noqa: E402
+from spre_fx.layers import SpReBatchNorm2d  # noqa: E402
 from spre_fx.masks import is_nm  # noqa: E402
-from spre_fx.modules import SpReBatchNorm2d  # noqa: E402
-from spre_fx.prepare import plan_of  # noqa: E402
+from spre_fx.plan import plan_of  # noqa: E402
 
 from ._dist import end_worker, rendezvous  # noqa: E402
 

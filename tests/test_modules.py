@@ -16,19 +16,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
+from spre_fx.collapse import collapse_layer
+from spre_fx.fusion import BNStats, fold_bn, merge_spre
+from spre_fx.layers import NMConv1d, NMConv2d, NMConv3d, NMLinear, SpReBatchNorm2d, SpReConv2d
 from spre_fx.masks import nm_mask, nm_violations, spatial_mask
-from spre_fx.modules import (
-    BNStats,
-    NMConv1d,
-    NMConv2d,
-    NMConv3d,
-    NMLinear,
-    SpReBatchNorm2d,
-    SpReConv2d,
-    deploy_layer,
-    fold_bn,
-    merge_spre,
-)
 from spre_fx.registry import norm_spec
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -301,7 +292,7 @@ def test_weight_rep_has_kaiming_fan_in_std(cin, cout, kernel):
 @SETTINGS
 @given(**pairs)
 def test_spre_pair_eval_equals_two_branches_and_deploy(nml, dtype, affine, seed):
-    """Eval: the pair == BN(main) + BN_r(rep) by hand; deploy_layer gives one nn.Conv2d computing the same."""
+    """Eval: the pair == BN(main) + BN_r(rep) by hand; collapse_layer: one nn.Conv2d computing the same."""
     p = make_pair(nml, dtype, affine, seed)
     p.sconv.eval()
     p.sbn.eval()
@@ -310,7 +301,7 @@ def test_spre_pair_eval_equals_two_branches_and_deploy(nml, dtype, affine, seed)
         out = p.sbn(p.sconv(p.x))
         assert_close(out, bn_eval(main, p.bn) + bn_eval(rep, p.sbn.rep), dtype)
 
-    plain, after = deploy_layer(p.sconv, p.sbn)
+    plain, after = collapse_layer(p.sconv, p.sbn)
     assert type(plain) is nn.Conv2d
     assert set(plain.state_dict()) == {"weight", "bias"}
     assert nm_violations(plain.weight, p.n, p.m) == 0
@@ -407,8 +398,8 @@ def test_nm_layer_mask_follows_weight_unless_held(nml, dtype, decay, seed, mode)
     mod, nm, x, _ = adopt_nm(nml, dtype, decay, seed)
     nm.train(mode != "eval")
     if mode == "frozen":
-        nm.frozen = True
-    nm.scheduled = mode == "scheduled"
+        nm.freeze_masks(True)
+    nm.spre_fx.scheduled = mode == "scheduled"
     old_mask = nm.nm_mask.clone()
     with torch.no_grad():
         nm.weight.copy_(promote_dropped(nm.weight, old_mask))
@@ -442,12 +433,12 @@ def test_nm_layer_optimizer_step_moves_mask(nml, dtype, decay, seed):
 @SETTINGS
 @given(**nm_setups, with_bn=st.booleans())
 def test_nm_layer_deploy_is_users_class(nml, dtype, decay, seed, with_bn):
-    """deploy_layer returns the user's exact class holding W⊙M (BN folded in if given), exactly N:M."""
+    """collapse_layer returns the user's exact class holding W⊙M (BN folded in if given), exactly N:M."""
     n, m, layer = nml
     mod, nm, x, g = adopt_nm(nml, dtype, decay, seed)
     bn = random_bn(NORMS[layer.rank](layer.cout, dtype=dtype), g) if with_bn else None
     nm.eval()
-    plain, after = deploy_layer(nm, bn)
+    plain, after = collapse_layer(nm, bn)
     assert type(plain) is type(mod)
     assert not hasattr(plain, "nm_mask") and set(plain.state_dict()) <= {"weight", "bias"}
     assert nm_violations(plain.weight, n, m) == 0

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import spre_fx
-from spre_fx.patterns import discover
+from spre_fx.discovery import discover
 from spre_fx.registry import is_leaf_class, leaf_functions, norm_spec, scoped_registrations
 
 from .nets import conv_bn, tiny_input, train_steps
@@ -412,7 +412,7 @@ def test_conv_shared_across_levels_gets_nm_without_a_pair():
     assert lp.treatment == "nm" and lp.norm is None and "called from 3 places" in lp.reason
     x = tiny_input()
     p = spre_fx.prepare(SharedConvLevels())
-    assert p.convs[1] is p.convs[0] and isinstance(p.convs[2], spre_fx.modules.NMConv2d)
+    assert p.convs[1] is p.convs[0] and isinstance(p.convs[2], spre_fx.layers.NMConv2d)
     train_steps(p, x)
     p.eval()
     c = spre_fx.convert(p)
@@ -510,7 +510,7 @@ def test_reasons_name_classes_by_their_public_path():
     assert reason.startswith("timm.layers.Linear overrides forward")
     layers = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 3)))
     assert layers["1"].reason == "torch.nn.ConvTranspose2d: only Conv1d/2d/3d and Linear are made N:M"
-    from spre_fx.patterns import class_name
+    from spre_fx.module_tree import class_name
 
     assert class_name(nn.Conv2d) == "torch.nn.Conv2d"
     assert class_name(timm.layers.Linear) == "timm.layers.Linear"

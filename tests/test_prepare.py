@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import spre_fx
-from spre_fx.modules import SpReBatchNorm2d, SpReConv2d
+from spre_fx.layers import SpReBatchNorm2d, SpReConv2d
 
 from .nets import TinyNet, tiny_input, train_steps
 

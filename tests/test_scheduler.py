@@ -36,7 +36,7 @@ def masks(model):
 
 def follows_weights(model) -> bool:
     for m in model.modules():
-        if hasattr(m, "nm_mask") and not torch.equal(m.nm_mask, nm_mask(m.weight, *m.nm)):
+        if hasattr(m, "nm_mask") and not torch.equal(m.nm_mask, nm_mask(m.weight, *m.spre_fx.nm)):
             return False
         if hasattr(m, "spatial_mask") and not torch.equal(m.spatial_mask, spatial_mask(m.weight, 0.5)):
             return False
@@ -166,11 +166,11 @@ def test_stats_and_decay_schedule():
     p = spre_fx.prepare(small_net())
     opt = torch.optim.SGD(p.parameters(), lr=0.5)
     sched = spre_fx.MaskScheduler(p, opt, decay=lambda s: 1e-3 / (1 + s), track_stats=True)
-    assert p[1].conv1.decay == pytest.approx(1e-3)
+    assert p[1].conv1.spre_fx.decay == pytest.approx(1e-3)
     before = masks(p)
     step(p, opt, tiny_input())
     after = masks(p)
-    assert p[1].conv1.decay == pytest.approx(5e-4)
+    assert p[1].conv1.spre_fx.decay == pytest.approx(5e-4)
     nm_keys = [k for k in before if k.endswith("nm_mask")]
     flips = sum(int((before[k] != after[k]).sum()) for k in nm_keys)
     stats = sched.stats
@@ -286,4 +286,4 @@ def test_remove_with_only_some_masks_frozen_warns_and_releases():
     sched = spre_fx.MaskScheduler(model, opt, spatial_freeze_after=0)
     with pytest.warns(UserWarning, match="fixed only some masks"):
         sched.remove()
-    assert not model[1].frozen
+    assert not model[1].spre_fx.frozen

@@ -23,8 +23,7 @@ from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
 from torch import nn
 
 import spre_fx
-from spre_fx.modules import SpReBatchNorm2d, SpReSyncBatchNorm
-from spre_fx.prepare import plan_of
+from spre_fx.layers import SpReNorm
 
 from .detector import SpReDetector
 
@@ -107,7 +106,7 @@ class SpReHook(Hook):
     def _plan(runner):
         model = _unwrap(runner.model)
         try:
-            return plan_of(model)
+            return spre_fx.plan_of(model)
         except ValueError as err:
             raise RuntimeError(
                 f"SpReHook needs a model prepared by spre_fx: build it with "
@@ -119,10 +118,9 @@ class SpReHook(Hook):
         if plan.stage != "prepared":
             return
         modules = dict(_unwrap(runner.model).named_modules())
-        spre_norms = (SpReBatchNorm2d, SpReSyncBatchNorm)
         lost = [
             lp.norm for lp in plan.layers
-            if lp.treatment == "spre" and not isinstance(modules.get(lp.norm), spre_norms)
+            if lp.treatment == spre_fx.Treatment.SPRE and not isinstance(modules.get(lp.norm), SpReNorm)
         ]
         if lost:
             raise RuntimeError(
@@ -161,7 +159,7 @@ class SpReHook(Hook):
             if plan.config.silent_branch:
                 modules = dict(model.named_modules())
                 for lp in plan.layers:
-                    if lp.treatment != "spre":
+                    if lp.treatment != spre_fx.Treatment.SPRE:
                         continue
                     rep = modules[lp.norm].rep
                     if rep.weight is not None and f"{lp.norm}.rep.weight" not in (self._loaded_keys or ()):

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import SpReConv2d, _NMMixin
+from .layers import NMLayer
+from .module_tree import unwrap_model
 
 __all__ = ["MaskSchedule", "MaskScheduler"]
 
@@ -72,12 +73,6 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module  # DistributedDataParallel, DataParallel, EMA-style wrappers
-    return model
-
-
 class MaskScheduler:
     """Moves the masks of a prepared model once per optimizer step, following a `MaskSchedule`.
 
@@ -95,14 +90,13 @@ class MaskScheduler:
             raise ValueError("pass either schedule=MaskSchedule(...) or its fields, not both")
         self.schedule = schedule or MaskSchedule(**options)
         self.optimizer = _unwrap_optimizer(optimizer)
-        self.layers = {n: m for n, m in _unwrap_model(model).named_modules() if isinstance(m, _NMMixin)}
+        self.layers = {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, NMLayer)}
         if not self.layers:
             raise ValueError("the model has no N:M layers: call spre_fx.prepare(model) first")
         self.step = 0
         self.stats: dict[str, Any] = {}
         for m in self.layers.values():
-            m.sync_masks()  # the scheduler holds the masks in force, not stale buffers
-            m.scheduled = True
+            m.attach_schedule()  # the scheduler holds the masks in force, not stale buffers
         self._set_warmup(self.schedule.warmup_steps > 0)
         self._apply_decay()
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
@@ -119,34 +113,19 @@ class MaskScheduler:
 
     def _moving(self):
         """The layers whose masks this scheduler moves (frozen ones are held by the user)."""
-        return ((name, m) for name, m in self.layers.items() if not m.frozen)
+        return ((name, m) for name, m in self.layers.items() if not m.spre_fx.frozen)
 
-    @torch.no_grad()
     def _update(self, move_nm: bool, move_spatial: bool) -> None:
         track = self.schedule.track_stats
-        flips = total = spatial_changes = 0
-        per_layer = {}
-        if move_nm:
-            self._set_warmup(False)
-        for name, m in self.layers.items():
-            spatial = move_spatial and isinstance(m, SpReConv2d)
-            which = () if m.frozen else ("nm_mask",) * move_nm + ("spatial_mask",) * spatial
-            old = {k: getattr(m, k).clone() for k in which} if track else {}
-            if which:
-                m.update_masks(which)
-            if track:
-                if "nm_mask" in old:
-                    flips += int((old["nm_mask"] != m.nm_mask).sum())
-                    total += m.nm_mask.numel()
-                if "spatial_mask" in old:
-                    spatial_changes += int((old["spatial_mask"] != m.spatial_mask).sum())
-                per_layer[name] = 1.0 - float(m.nm_mask.float().mean())
+        steps = {name: m.scheduled_update(move_nm, move_spatial, track=track)
+                 for name, m in self.layers.items()}
         if track:
+            total = sum(s.nm_total for s in steps.values())
             self.stats = {
                 "step": self.step,
-                "nm_flip_rate": flips / total if total else 0.0,
-                "spatial_mask_changes": spatial_changes,
-                "sparsity": per_layer,
+                "nm_flip_rate": sum(s.nm_flips for s in steps.values()) / total if total else 0.0,
+                "spatial_mask_changes": sum(s.spatial_changes for s in steps.values()),
+                "sparsity": {name: s.sparsity for name, s in steps.items()},
             }
 
     def _set_warmup(self, dense: bool) -> None:
@@ -159,7 +138,7 @@ class MaskScheduler:
             return
         value = float(decay(self.step) if callable(decay) else decay)
         for m in self.layers.values():
-            m.decay = value
+            m.spre_fx.decay = value
 
     # ------------------------------------------------------------------ lifecycle
     def refresh_masks(self) -> None:
@@ -181,13 +160,10 @@ class MaskScheduler:
         nm_done, spatial_done = self._settled(s.nm_freeze_after), self._settled(s.spatial_freeze_after)
         partly = []
         for name, m in self.layers.items():
-            kinds = (nm_done, spatial_done) if isinstance(m, SpReConv2d) else (nm_done,)
-            if all(kinds):
-                m.frozen = True  # while still scheduled: the masks in force are held as they are
-            elif any(kinds):
+            kinds = (nm_done, spatial_done) if "spatial_mask" in m.mask_names else (nm_done,)
+            if any(kinds) and not all(kinds):
                 partly.append(name)
-            m.scheduled = False
-            m.set_dense_warmup(False)
+            m.detach_schedule(freeze=all(kinds))
         if partly:
             warnings.warn(
                 f"MaskScheduler.remove(): the schedule fixed only some masks of {len(partly)} SpRe "

@@ -1,0 +1,191 @@
+"""The SpRe dual branch at training time (docs/method.md §3).
+
+`SpReConv2d` computes the main N:M branch `conv(x, W ⊙ M_nm)` and the extra branch
+`conv(x, W_r ⊙ M_nm ⊙ S)` and hands both, as a `SpReBranches` pair, to the `SpReNorm` that took
+the place of the user's BatchNorm: it normalises each branch with its own statistics and sums
+them before whatever the user's BN class runs after normalising (timm's BatchNormAct2d: dropout,
+activation). `convert` collapses the pair into one N:M conv (docs/method.md §4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..masks import spatial_mask
+from ..module_tree import adopt
+from ..registry import NormSpec
+from .nm import STATE, NMLayer
+
+__all__ = [
+    "SpReBranches",
+    "SpReConv2d",
+    "NormState",
+    "SpReNorm",
+    "SpReBatchNorm2d",
+    "SpReSyncBatchNorm",
+    "convert_sync_batchnorm",
+]
+
+
+class SpReBranches(NamedTuple):
+    """The two pre-BN outputs of a SpRe conv; only its `SpReBatchNorm2d` consumes them."""
+
+    main: Tensor
+    rep: Tensor
+
+    def __getattr__(self, name: str):
+        # Reached when a module other than its SpRe BatchNorm treats the pair as a tensor.
+        if name.startswith("_"):
+            raise AttributeError(name)  # protocol probes (copy, pickle, torch.compile)
+        raise TypeError(
+            f"SpReBranches.{name}: the output of a SpReConv2d reached a module other than its "
+            "SpReBatchNorm2d. If nn.SyncBatchNorm.convert_sync_batchnorm ran after prepare, use "
+            "spre_fx.convert_sync_batchnorm instead (it keeps the SpRe branches)."
+        )
+
+
+def _branch_generator(weight: Tensor) -> torch.Generator:
+    """A generator for the extra branch's init, seeded from the global RNG state and `weight`.
+
+    It reads the global RNG without drawing from it, so `prepare(spre=True)` leaves it where
+    `spre=False` does (paired SR-STE/SpRe runs see the same data order and dropout); `weight`'s
+    bytes make every layer's stream its own (a `fork_rng` per layer would repeat one stream).
+    """
+    digest = hashlib.blake2b(torch.random.get_rng_state().numpy().tobytes(), digest_size=8)
+    digest.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.Generator(device=weight.device).manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
+class SpReConv2d(NMLayer, nn.Conv2d):
+    """Main N:M branch `conv(x, W ⊙ M_nm)` plus the extra branch `conv(x, W_r ⊙ M_nm ⊙ S)`.
+
+    `weight` (and `bias`) are the user's; `weight_rep` is new. `spatial_mask` is S over the
+    kernel taps, recomputed with the N:M mask from the dense latent `weight`.
+    """
+
+    mask_names = ("nm_mask", "spatial_mask")
+
+    @classmethod
+    def adopt(cls, module: nn.Module, n: int, m: int, decay: float) -> SpReConv2d:
+        new = adopt(cls, module)
+        w = module.weight
+        rep = torch.empty_like(w, requires_grad=False)
+        nn.init.kaiming_normal_(rep, mode="fan_in", generator=_branch_generator(w))
+        new.weight_rep = nn.Parameter(rep, requires_grad=w.requires_grad)
+        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m))
+        new.init_masks(type(module), n, m, decay)
+        return new
+
+    def masks_from_weight(self) -> dict[str, Tensor]:
+        return {**super().masks_from_weight(), "spatial_mask": self.spatial_from_weight()}
+
+    def write_mask(self, name: str) -> None:
+        if name == "spatial_mask":
+            self.spatial_mask.copy_(self.spatial_from_weight())
+        else:
+            super().write_mask(name)
+
+    def spatial_from_weight(self) -> Tensor:
+        """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (method.md §3)."""
+        return spatial_mask(self.weight, 1.0 - self.spre_fx.n / self.spre_fx.m)
+
+    def _rep_mask(self) -> Tensor:
+        """M_nm ⊙ S in the branch weight's dtype (bools read as uint8: faster on CPU)."""
+        out = torch.empty(self.nm_mask.shape, dtype=self.weight_rep.dtype, device=self.nm_mask.device)
+        return torch.mul(self.nm_mask.view(torch.uint8), self.spatial_mask.view(torch.uint8), out=out)
+
+    def forward(self, input: Tensor) -> SpReBranches:
+        main = self._conv_forward(input, self.masked_weight(), self.bias)
+        # Masks carry no gradient: the extra branch lives inside supp(M_nm) ⊙ S (S over kh×kw).
+        rep_mask = self.cached("rep_mask", (self.nm_mask, self.spatial_mask), self._rep_mask)
+        rep = self._conv_forward(input, self.weight_rep * rep_mask, None)
+        return SpReBranches(main, rep)
+
+
+def _norm_ref(bn: _BatchNorm) -> Tensor | None:
+    return bn.weight if bn.weight is not None else bn.running_mean
+
+
+def _fresh_norm(bn: _BatchNorm) -> _BatchNorm:
+    """A new plain BatchNorm2d (SyncBatchNorm for a sync one) with `bn`'s hyper-parameters."""
+    ref = _norm_ref(bn)
+    kwargs = dict(
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        device=None if ref is None else ref.device,
+        dtype=None if ref is None else ref.dtype,
+    )
+    if isinstance(bn, nn.SyncBatchNorm):
+        return nn.SyncBatchNorm(bn.num_features, process_group=bn.process_group, **kwargs)
+    return nn.BatchNorm2d(bn.num_features, **kwargs)
+
+
+@dataclass
+class NormState:
+    """spre_fx's state on an adopted BatchNorm (`bn.spre_fx`): the user's class and its split."""
+
+    original: type
+    spec: NormSpec
+
+
+class SpReNorm:
+    """The user's BatchNorm (same parameters and buffers) plus the extra branch's own BN `rep`.
+
+    y = post(BN_main(main) + BN_rep(rep)), `post` being what the user's BN class runs after
+    normalising (identity for torch's BatchNorms).
+    """
+
+    @classmethod
+    def adopt(cls, bn: _BatchNorm, spec: NormSpec, silent: bool = False) -> nn.Module:
+        if cls is SpReBatchNorm2d and isinstance(bn, nn.SyncBatchNorm):
+            cls = SpReSyncBatchNorm
+        new = adopt(cls, bn)
+        object.__setattr__(new, STATE, NormState(type(bn), spec))
+        new.rep = _fresh_norm(bn)
+        new.rep.train(bn.training)  # discovery gives no branch to a BatchNorm that does not train
+        if silent and new.rep.weight is not None:
+            with torch.no_grad():
+                new.rep.weight.zero_()
+        return new
+
+    def forward(self, input: SpReBranches) -> Tensor:
+        if not isinstance(input, SpReBranches):
+            raise TypeError(
+                f"{type(self).__name__} expects the SpReBranches of its SpReConv2d, found "
+                f"{type(input).__name__}: the conv feeding this BatchNorm was changed after prepare"
+            )
+        y = super().forward(input.main) + self.rep(input.rep)
+        return self.spre_fx.spec.post(self, y)
+
+
+class SpReBatchNorm2d(SpReNorm, nn.BatchNorm2d):
+    __doc__ = SpReNorm.__doc__
+
+
+class SpReSyncBatchNorm(SpReNorm, nn.SyncBatchNorm):
+    __doc__ = SpReNorm.__doc__
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """`nn.SyncBatchNorm.convert_sync_batchnorm` that keeps SpRe pairs: both branches' BNs sync.
+
+    Works on prepared and unprepared models (in place on children; returns the model).
+    """
+    if isinstance(model, SpReNorm) and not isinstance(model, nn.SyncBatchNorm):
+        sync = adopt(SpReSyncBatchNorm, model)
+        sync.process_group = process_group
+        sync.rep = nn.SyncBatchNorm.convert_sync_batchnorm(model.rep, process_group)
+        return sync
+    if isinstance(model, _BatchNorm) and not isinstance(model, SpReNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    for name, child in model.named_children():
+        model._modules[name] = convert_sync_batchnorm(child, process_group)
+    return model

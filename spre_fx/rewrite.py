@@ -1,0 +1,93 @@
+"""The rewrite pass: swap the modules the user's forward already calls for their train-time form.
+
+No forward is regenerated: the model keeps its class, its methods and its Python control flow
+(`self.training` branches stay live), and every original parameter and buffer keeps its name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SpReConfig
+from .discovery import discover
+from .layers import NM_CLASSES, SpReBatchNorm2d, SpReConv2d
+from .module_tree import model_copy, module_aliases, set_module
+from .plan import Treatment, attach_plan, is_prepared
+from .registry import norm_spec
+
+__all__ = ["prepare"]
+
+log = logging.getLogger("spre_fx")
+
+
+def _check_finite(model: nn.Module) -> None:
+    tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedParameter)]
+    # One float64 reduction per tensor, no temporary: NaN and ±inf both survive a sum times 0.
+    for name, t in tensors:
+        if not torch.isfinite(t.detach().sum(dtype=torch.float64) * 0):
+            raise ValueError(f"'{name}' holds NaN or inf values: spre_fx needs finite weights")
+
+
+def _config(nm, spre, config: SpReConfig | None, options: dict[str, Any]) -> SpReConfig:
+    if config is None:
+        return SpReConfig(nm=nm, spre=spre, **options)
+    if not isinstance(config, SpReConfig):
+        raise TypeError(f"config must be a SpReConfig, found {type(config).__name__}")
+    if options or tuple(nm) != (2, 4) or spre is not True:
+        raise ValueError("pass either config=SpReConfig(...) or nm/spre/options, not both")
+    return config
+
+
+def prepare(
+    model: nn.Module,
+    nm: tuple[int, int] = (2, 4),
+    *,
+    spre: bool = True,
+    config: SpReConfig | None = None,
+    inplace: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Return `model` ready for N:M training, with SpRe branches on its k×k conv→BN pairs.
+
+    options are the other fields of `SpReConfig` (include, skip, dense_stem, decay,
+    silent_branch). `concrete_args` go to fx for the model's own forward (e.g. a mode flag).
+    The input model is left untouched unless `inplace=True`. `spre_fx.report(model)` says what
+    was done to every layer and why.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare expects a torch.nn.Module, found {type(model).__name__}")
+    config = _config(nm, spre, config, options)
+    if is_prepared(model):
+        raise ValueError("model is already prepared by spre_fx (prepare it once)")
+    _check_finite(model)
+    if not inplace:
+        model = model_copy(model)
+    plan = discover(model, config, concrete_args)
+    modules = dict(model.named_modules())
+    aliases = module_aliases(model)
+    for lp in plan.layers:
+        if lp.treatment == Treatment.DENSE:
+            continue
+        layer = modules[lp.name]
+        if lp.treatment == Treatment.SPRE:
+            norm = modules[lp.norm]
+            set_module(model, lp.name, SpReConv2d.adopt(layer, config.n, config.m, config.decay), aliases)
+            set_module(
+                model, lp.norm, SpReBatchNorm2d.adopt(norm, norm_spec(norm), config.silent_branch), aliases
+            )
+        else:
+            cls = NM_CLASSES[next(b for b in NM_CLASSES if isinstance(layer, b))]
+            set_module(model, lp.name, cls.adopt(layer, config.n, config.m, config.decay), aliases)
+    attach_plan(model, plan)
+    log.info(
+        "spre_fx.prepare: %d spre, %d nm, %d dense layers%s; spre_fx.report(model) says why",
+        plan.count(Treatment.SPRE), plan.count(Treatment.NM), plan.count(Treatment.DENSE),
+        f", {len(plan.untraced)} modules traced through their children" if plan.untraced else "",
+    )
+    return model
