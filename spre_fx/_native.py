@@ -4,8 +4,8 @@
 exactly what the torch code in masks.py computes (the tests compare the two), in one or two
 passes over the weight where the torch code takes a dozen. Without a C compiler, or with
 `SPRE_FX_NATIVE=0`, the torch code runs and a warning says so once. `backend()` tells which.
-The library is cached per source, flags and compiler (`cc --version`) under `$SPRE_FX_CACHE`
-(default `~/.cache/spre_fx`); a cached file that does not load is rebuilt. `CC` picks the
+The library is cached per source, flags and compiler (`cc --version`) under `$SPRE_FX_CACHE/native`
+(default `~/.cache/spre_fx/native`); a cached file that does not load is rebuilt. `CC` picks the
 compiler (default `cc`). Arguments are validated here before any call into C, and again in C.
 """
 
