@@ -134,7 +134,7 @@ def _nm_(layer: nn.Module) -> nn.Module:
 def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path, monkeypatch):
     """The branches only a GPU reaches (2:4 layer timing, fused-transpose variant, summaries,
     the selective model, every table of a GPU run) run here with torch's packing call replaced
-    by the identity, as tests/test_export.py does: a Python error there would cost the call."""
+    by the identity, as tests/test_deploy.py does: a Python error there would cost the call."""
     gc = _load_gpu_check(monkeypatch)
     monkeypatch.setattr(backend, "_sparse_from_dense", lambda cls, weight: weight)
     ctx = gc.Context(gc.DRY, False, torch.device("cpu"), tmp_path, gc.Deadline(time.monotonic() + 600), {})

@@ -1,4 +1,4 @@
-"""Property tests for spre_fx/modules.py: BN folding, the SpRe merge, adopted train-time modules.
+"""Property tests for spre_fx/fusion.py and spre_fx/layers/: BN folding, SpRe merge, adopted layers.
 
 References are written out by hand from docs/method.md §3-§4 with torch.nn.functional convolutions and
 an explicit `(y − μ)/sqrt(σ² + ε)·γ + β`, never with the code under test.

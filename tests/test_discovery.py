@@ -1,4 +1,4 @@
-"""Pattern discovery: which layers get SpRe, N:M or nothing, and that every decision is safe."""
+"""Discovery: which layers get SpRe, N:M or nothing, and that every decision is safe."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def test_conv_subclass_with_own_forward_left_dense():
     )
     layers = plan(model)
     assert layers["1"].treatment == "dense"
-    assert layers["1"].reason.startswith("tests.test_patterns.test_conv_subclass_with_own_forward_left_dense"
+    assert layers["1"].reason.startswith("tests.test_discovery.test_conv_subclass_with_own_forward_left_dense"
                                          ".<locals>.StdConv overrides forward")
     assert layers["1"].norm is None  # folding into a standardised weight would be wrong
     assert layers["3"].treatment == "spre"

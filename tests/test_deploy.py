@@ -1,4 +1,4 @@
-"""The export stage: im2col conv, 2:4 packing, the semi-structured backend, the advisor, ONNX.
+"""The deploy stage (spre_fx/deploy/): im2col conv, 2:4 packing, semi-structured backend, advisor, ONNX.
 
 CPU tests cover everything that does not need sparse tensor cores (the backend pipeline runs
 with torch's packing call replaced by an identity). `gpu` tests run the real kernels and skip
