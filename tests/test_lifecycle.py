@@ -481,6 +481,15 @@ class Lifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self.sched is not None)
     @rule()
     def remove_scheduler(self):
+        """Layers whose every mask kind the schedule has fixed for good (step >= its
+        `*_freeze_after`, including 0 at step 0) stay frozen with the masks in force."""
+        s, step = self.schedule, self.sched.step
+        settled = {kind: s.get(f"{kind}_freeze_after") is not None and step >= s[f"{kind}_freeze_after"]
+                   for kind in ("nm", "spatial")}
+        for name in LAYERS:
+            kinds = ("nm", "spatial") if "spatial_mask" in self.scheduled[name] else ("nm",)
+            if name not in self.frozen and all(settled[k] for k in kinds):
+                self.frozen[name] = self.scheduled[name]
         self.sched.remove()
         self.sched, self.scheduled = None, {}
 
@@ -529,3 +538,20 @@ def test_report_describes_the_masks_in_force():
     layers = {lr.name: lr for lr in spre_fx.report(p).layers}
     assert layers["conv"].spatial_mask == spatial_mask(p.conv.weight, RATE).tolist()
     assert all(torch.equal(before[k], v) for k, v in p.state_dict().items())
+
+
+@pytest.mark.parametrize("weights_move", [False, True])
+def test_removing_a_schedule_that_fixed_the_masks_at_its_start_keeps_them(weights_move):
+    """Two sequences hypothesis found (the lifecycle model had missed that a schedule with
+    nm_freeze_after=0 fixes the N:M masks for good at step 0): attach it, (change the weights,)
+    remove it; the plain N:M layers keep the masks of the attach, through eval, copies and convert."""
+    state = Lifecycle()
+    state.attach_scheduler(which=2)
+    if weights_move:
+        state.hand_weight_change()
+    state.masks_in_force_are_the_expected_ones()
+    state.remove_scheduler()
+    assert set(state.frozen) == {"point", "head"}  # 'conv' (SpRe): its spatial mask is not settled
+    state.masks_in_force_are_the_expected_ones()
+    state.deepcopy()
+    state.masks_in_force_are_the_expected_ones()
