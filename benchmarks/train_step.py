@@ -4,7 +4,9 @@ One training step = forward, backward, optimizer step (SGD), mask scheduling. Va
 interleaved in one process (dense, nm, spre, naive, dense, ...), and each figure is the median
 of per-round ratios against the dense step of the same round. The training-FLOP ratio of the
 prepared model over the dense one (forward, weight and input gradients of every conv and
-linear) is printed beside the measurement.
+linear) is printed beside the measurement: `FLOP ratio` with both SpRe branches as full convs,
+`tap FLOP ratio` with the extra branch counting only the taps its spatial mask keeps (what
+spre_fx.tapconv computes; the naive build runs the full conv).
 
     python benchmarks/train_step.py --model resnet18 --batch 16 --size 96
     python benchmarks/train_step.py --model resnet50 --batch 8 --size 96
@@ -21,7 +23,7 @@ import torchvision
 from torch import nn
 
 import spre_fx
-from spre_fx.layers import SpReConv2d
+from spre_fx.layers import SpReConv2d, tapconv
 
 try:
     from naive_spre import naive_spre
@@ -29,20 +31,23 @@ except ImportError:  # run as a module
     from benchmarks.naive_spre import naive_spre
 
 
-def training_macs(model: nn.Module, x: torch.Tensor) -> int:
+def training_macs(model: nn.Module, x: torch.Tensor, taps_only: bool = False) -> float:
     """Multiply-accumulates of one training step's convs and linears (both SpRe branches).
 
     Forward, plus the weight gradient (weights that train) and the input gradient (inputs that
-    need one: not the stem's image), each as many MACs as the forward.
+    need one: not the stem's image), each as many MACs as the forward. `taps_only`: the SpRe
+    branch counts only the kernel taps it uses, |S|/(kh·kw) of a full conv (its spatial_mask).
     """
-    total = 0
+    total = 0.0
 
     def count(m, inp, out, per_out: int):
         nonlocal total
         outs = out if isinstance(out, tuple) else (out,)
         passes = 1 + m.weight.requires_grad + inp[0].requires_grad
-        for o in outs:  # a SpReConv2d returns (main, rep): two convs' worth of work
-            total += passes * o.numel() * per_out
+        tap_share = m.spatial_mask.float().mean().item() if taps_only and isinstance(m, SpReConv2d) else 1.0
+        share = (1.0, tap_share)
+        for o, f in zip(outs, share):  # a SpReConv2d returns (main, rep): two convs' worth of work
+            total += passes * o.numel() * per_out * f
 
     handles = []
     for mod in model.modules():
@@ -76,6 +81,19 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: boo
     return step
 
 
+def without_tapconv(step):
+    """`step` with spre_fx.tapconv switched off: the SpRe branch as the full k×k conv."""
+
+    def run() -> float:
+        tapconv.set_enabled(False)
+        try:
+            return step()
+        finally:
+            tapconv.set_enabled(True)
+
+    return run
+
+
 def profile_steps(steps: dict, n: int = 5) -> None:
     """Per step: self time of the convolution kernels (forward and backward), and the whole
     optimizer step, which includes the MaskScheduler's mask update."""
@@ -99,7 +117,11 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps first (spre_fx.tapconv measures its plans' pieces in the first ones)")
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--full-branch", action="store_true",
+                    help="also time SpRe with spre_fx.tapconv off (the extra branch as the full conv)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of dense and spre")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 5 steps of each variant: convolution time and optimizer step "
@@ -118,12 +140,19 @@ def main(argv=None) -> None:
         "nm": (spre_fx.prepare(dense, spre=False), True),
         "spre": (spre_fx.prepare(dense), True),
     }
+    if args.full_branch:
+        variants["spre-fullconv"] = (spre_fx.prepare(dense), True)
     if not args.no_naive:
         variants["naive-spre"] = (naive_spre(dense), False)
     # The naive build calls its convs functionally (no hooks fire): it does SpRe's work.
     flops = {k: training_macs(m, x[:1]) for k, (m, _) in variants.items() if k != "naive-spre"}
     flops["naive-spre"] = flops["spre"]
+    if "spre-fullconv" in variants:
+        flops["spre-fullconv"] = flops["spre"]
+    tap_flops = dict(flops, spre=training_macs(variants["spre"][0], x[:1], taps_only=True))
     steps = {k: make_step(m, x, y, s, interval=args.interval) for k, (m, s) in variants.items()}
+    if "spre-fullconv" in steps:
+        steps["spre-fullconv"] = without_tapconv(steps["spre-fullconv"])
     if args.compile:
         import copy
 
@@ -131,20 +160,22 @@ def main(argv=None) -> None:
             m, s = variants[k]
             steps[f"{k}-compiled"] = make_step(copy.deepcopy(m), x, y, s, compiled=True)
             flops[f"{k}-compiled"] = flops[k]
+            tap_flops[f"{k}-compiled"] = flops[k]  # compiled: the full conv (no data-dependent plan)
     for step in steps.values():  # warm-up
-        step()
-        step()
+        for _ in range(args.warmup):
+            step()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
         for k, step in steps.items():
             times[k].append(step())
     print(f"{args.model}, batch {args.batch} at {args.size}px, {args.threads} threads, {args.rounds} "
           f"interleaved rounds, masks move every {args.interval} step(s), torch {torch.__version__}")
-    print(f"{'variant':12s} {'median step':>12s} {'ratio vs dense':>15s} {'FLOP ratio':>11s}")
+    print(f"{'variant':12s} {'median step':>12s} {'ratio vs dense':>15s} {'FLOP ratio':>11s} "
+          f"{'tap FLOP ratio':>15s}")
     for k in steps:
         ratios = [t / d for t, d in zip(times[k], times["dense"])]
         print(f"{k:12s} {statistics.median(times[k]) * 1e3:10.1f}ms {statistics.median(ratios):15.3f} "
-              f"{flops[k] / flops['dense']:11.3f}")
+              f"{flops[k] / flops['dense']:11.3f} {tap_flops.get(k, flops[k]) / flops['dense']:15.3f}")
     if "naive-spre" in times:
         r = [a / b for a, b in zip(times["spre"], times["naive-spre"])]
         print(f"spre / naive-spre: {statistics.median(r):.3f} (goal: clearly below 1)")

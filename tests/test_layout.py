@@ -25,6 +25,7 @@ STAGES = {
     "spre_fx.masks": 1, "spre_fx.plan": 1,
     "spre_fx.tracing": 2,
     "spre_fx.discovery": 3,
+    "spre_fx.layers.tapconv": 3.5,
     "spre_fx.layers.nm": 4.0, "spre_fx.layers.spre": 4.1, "spre_fx.layers": 4.2,
     "spre_fx.rewrite": 5,
     "spre_fx.scheduling": 6, "spre_fx.calibration": 6,

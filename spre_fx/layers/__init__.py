@@ -2,6 +2,7 @@
 
 `nm`: plain N:M layers and the mask ownership every train-time layer shares (`NMLayer`).
 `spre`: the SpRe dual branch (`SpReConv2d` with its `SpReNorm`).
+`tapconv`: the extra branch's conv over the kernel taps its spatial mask keeps.
 """
 
 from .nm import (

@@ -21,6 +21,7 @@ from ..masks import spatial_mask
 from ..module_tree import adopt
 from ..registry import NormSpec
 from .nm import STATE, NMLayer
+from .tapconv import tap_conv2d
 
 __all__ = [
     "SpReBranches",
@@ -104,7 +105,9 @@ class SpReConv2d(NMLayer, nn.Conv2d):
         main = self._conv_forward(input, self.masked_weight(), self.bias)
         # Masks carry no gradient: the extra branch lives inside supp(M_nm) ⊙ S (S over kh×kw).
         rep_mask = self.cached("rep_mask", (self.nm_mask, self.spatial_mask), self._rep_mask)
-        rep = self._conv_forward(input, self.weight_rep * rep_mask, None)
+        # Zero wherever S is: computed over the taps S keeps only (spre_fx/layers/tapconv.py).
+        rep = tap_conv2d(input, self.weight_rep * rep_mask, self.spatial_mask, self.stride, self.padding,
+                         self.dilation, self.groups, self.padding_mode)
         return SpReBranches(main, rep)
 
 
