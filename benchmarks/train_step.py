@@ -6,7 +6,7 @@ of per-round ratios against the dense step of the same round. The training-FLOP 
 prepared model over the dense one (forward, weight and input gradients of every conv and
 linear) is printed beside the measurement: `FLOP ratio` with both SpRe branches as full convs,
 `tap FLOP ratio` with the extra branch counting only the taps its spatial mask keeps (what
-spre_fx.tapconv computes; the naive build runs the full conv).
+spre_fx.layers.tapconv computes; the naive build runs the full conv).
 
     python benchmarks/train_step.py --model resnet18 --batch 16 --size 96
     python benchmarks/train_step.py --model resnet50 --batch 8 --size 96
@@ -82,7 +82,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: boo
 
 
 def without_tapconv(step):
-    """`step` with spre_fx.tapconv switched off: the SpRe branch as the full k×k conv."""
+    """`step` with spre_fx.layers.tapconv switched off: the SpRe branch as the full k×k conv."""
 
     def run() -> float:
         tapconv.set_enabled(False)
@@ -118,10 +118,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2,
-                    help="untimed steps first (spre_fx.tapconv measures its plans' pieces in the first ones)")
+                    help="untimed steps first (tapconv times its plans' pieces in the first ones)")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--full-branch", action="store_true",
-                    help="also time SpRe with spre_fx.tapconv off (the extra branch as the full conv)")
+                    help="also time SpRe with spre_fx.layers.tapconv off (the extra branch as the full conv)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of dense and spre")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 5 steps of each variant: convolution time and optimizer step "
