@@ -191,6 +191,21 @@ def test_switched_off_is_the_full_conv_without_tuning():
         tapconv.set_enabled(True)
 
 
+def test_deterministic_algorithms_get_the_full_conv_without_tuning():
+    """A plan chosen by timing may differ between runs (and so may the rounding): not when the
+    user asks torch for deterministic algorithms."""
+    tapconv.clear_cache()
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    taps = torch.tensor([[0, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    w = torch.randn(2, 2, 3, 3) * taps
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.testing.assert_close(tap_conv2d(x, w, taps, 1, 1), F.conv2d(x, w, None, 1, 1), rtol=0, atol=0)
+        assert tapconv.tuned_plans() == {} and tapconv.measured_costs() == {}
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("value,expected", [("0", False), ("1", True)])
 def test_environment_switch(value, expected):
     code = "from spre_fx.layers import tapconv; print(tapconv.enabled())"

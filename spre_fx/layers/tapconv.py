@@ -354,7 +354,8 @@ def tap_conv2d(input: Tensor, weight: Tensor, taps: Tensor, stride=1, padding=0,
 
     `padding_mode` other than 'zeros' pads the input as nn.Conv2d does, then convolves unpadded.
     `plan` forces one of `PLANS`; None chooses by measurement (cached), the full conv when
-    switched off or under torch.compile. No kept tap: a zero output (still in the autograd graph).
+    switched off, under torch.compile or with `torch.use_deterministic_algorithms(True)` (a timed
+    choice may differ between runs). No kept tap: a zero output (still in the autograd graph).
     """
     kernel = tuple(weight.shape[-2:])
     stride, dilation = _pair(stride), _pair(dilation)
@@ -371,7 +372,11 @@ def tap_conv2d(input: Tensor, weight: Tensor, taps: Tensor, stride=1, padding=0,
         padding = (padding, padding)
     elif not isinstance(padding, str):
         padding = tuple(padding)
-    full = plan == "full" or (plan is None and (not _ENABLED or torch.compiler.is_compiling()))
+    # A plan chosen by timing may differ between runs, and with it the float rounding: under
+    # torch.use_deterministic_algorithms(True) the full conv runs, as cudnn.benchmark yields there.
+    automatic_off = (not _ENABLED or torch.compiler.is_compiling()
+                     or torch.are_deterministic_algorithms_enabled())
+    full = plan == "full" or (plan is None and automatic_off)
     if full or kernel == (1, 1) or (isinstance(padding, str) and padding == "same" and stride != (1, 1)):
         return F.conv2d(input, weight, None, stride, padding, dilation, groups)
     mask = tuple(map(tuple, taps.tolist()))
