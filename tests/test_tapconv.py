@@ -166,7 +166,7 @@ def test_a_layout_is_decided_over_several_calls_a_few_pieces_each(monkeypatch):
         return {p: {"rect": 0.5, "stack": 0.9}.get(p[0], 1.0) for p in items}
 
     monkeypatch.setattr(tapconv, "_measure", fake_measure)
-    x = torch.randn(1, 2, 6, 6)
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)  # a backward follows: tuned
     cross = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
     w = torch.randn(2, 2, 3, 3) * cross
     for _ in range(10):
@@ -189,6 +189,18 @@ def test_switched_off_is_the_full_conv_without_tuning():
         assert tapconv.tuned_plans() == {}
     finally:
         tapconv.set_enabled(True)
+
+
+def test_forwards_without_a_backward_run_the_full_conv_without_tuning():
+    """verify, report and validation forwards of a prepared model pay no timing."""
+    tapconv.clear_cache()
+    x = torch.randn(1, 2, 5, 5)
+    taps = torch.tensor([[0, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    w = torch.randn(2, 2, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(tap_conv2d(x, w * taps, taps, 1, 1), F.conv2d(x, w * taps, None, 1, 1),
+                                   rtol=0, atol=0)
+    assert tapconv.tuned_plans() == {} and tapconv.measured_costs() == {}
 
 
 def test_deterministic_algorithms_get_the_full_conv_without_tuning():

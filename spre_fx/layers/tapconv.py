@@ -353,9 +353,10 @@ def tap_conv2d(input: Tensor, weight: Tensor, taps: Tensor, stride=1, padding=0,
     wherever the bool [kh, kw] mask `taps` is False, computed over the kept taps only.
 
     `padding_mode` other than 'zeros' pads the input as nn.Conv2d does, then convolves unpadded.
-    `plan` forces one of `PLANS`; None chooses by measurement (cached), the full conv when
-    switched off, under torch.compile or with `torch.use_deterministic_algorithms(True)` (a timed
-    choice may differ between runs). No kept tap: a zero output (still in the autograd graph).
+    `plan` forces one of `PLANS`; None chooses by measurement (cached) when a backward follows. The
+    full conv runs without one (no_grad, eval forwards), when switched off, under torch.compile,
+    and with `torch.use_deterministic_algorithms(True)` (a timed choice may differ between runs).
+    No kept tap: a zero output (still in the autograd graph).
     """
     kernel = tuple(weight.shape[-2:])
     stride, dilation = _pair(stride), _pair(dilation)
@@ -402,6 +403,10 @@ def tap_conv2d(input: Tensor, weight: Tensor, taps: Tensor, stride=1, padding=0,
                               kernel)
         return _run_plan(item[0], xi, wi, mask, stride, padding, pads, dilation, groups, out_hw)
 
+    if plan is None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # No backward follows (eval, verify, report): a prepared model is trained, not served, so
+        # one-off forwards run the full conv instead of paying for timing (convert for inference).
+        plan = "full"
     if plan is None:
         out_shape = (x.shape[0], weight.shape[0], *out_hw)
         plan = _choose(x, weight, mask, stride, padding, dilation, groups, run_item, out_shape)
