@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--shapes", type=int, nargs="+", help="channel counts to run (default: all four)")
     args = ap.parse_args(argv)
+    tapconv.set_enabled(True)  # the tuned column: the autotuner is opt-in
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format

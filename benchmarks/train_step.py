@@ -81,15 +81,17 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scheduled: boo
     return step
 
 
-def without_tapconv(step):
-    """`step` with spre_fx.layers.tapconv switched off: the SpRe branch as the full k×k conv."""
+def with_tapconv(step, on: bool):
+    """`step` with spre_fx.layers.tapconv switched on (the SpRe branch over its taps, autotuned)
+    or off (the branch as the full k×k conv, spre_fx's default)."""
 
     def run() -> float:
-        tapconv.set_enabled(False)
+        before = tapconv.enabled()
+        tapconv.set_enabled(on)
         try:
             return step()
         finally:
-            tapconv.set_enabled(True)
+            tapconv.set_enabled(before)
 
     return run
 
@@ -151,8 +153,9 @@ def main(argv=None) -> None:
         flops["spre-fullconv"] = flops["spre"]
     tap_flops = dict(flops, spre=training_macs(variants["spre"][0], x[:1], taps_only=True))
     steps = {k: make_step(m, x, y, s, interval=args.interval) for k, (m, s) in variants.items()}
+    steps["spre"] = with_tapconv(steps["spre"], True)
     if "spre-fullconv" in steps:
-        steps["spre-fullconv"] = without_tapconv(steps["spre-fullconv"])
+        steps["spre-fullconv"] = with_tapconv(steps["spre-fullconv"], False)
     if args.compile:
         import copy
 

@@ -15,6 +15,15 @@ from torch.nn import functional as F
 from spre_fx.layers import tapconv
 from spre_fx.layers.tapconv import PLANS, tap_conv2d
 
+
+@pytest.fixture(autouse=True)
+def tuning_on():
+    """These tests exercise the autotuner, which is off by default (opt-in, like cudnn.benchmark)."""
+    before = tapconv.enabled()
+    tapconv.set_enabled(True)
+    yield
+    tapconv.set_enabled(before)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KERNELS = ((1, 1), (3, 3), (5, 5), (1, 3), (3, 1), (1, 5), (7, 7), (2, 4))
@@ -188,7 +197,7 @@ def test_switched_off_is_the_full_conv_without_tuning():
         torch.testing.assert_close(tap_conv2d(x, w, taps, 1, 1), F.conv2d(x, w, None, 1, 1), rtol=0, atol=0)
         assert tapconv.tuned_plans() == {}
     finally:
-        tapconv.set_enabled(True)
+        tapconv.set_enabled(True)  # the fixture restores the default
 
 
 def test_forwards_without_a_backward_run_the_full_conv_without_tuning():
@@ -218,10 +227,13 @@ def test_deterministic_algorithms_get_the_full_conv_without_tuning():
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("value,expected", [("0", False), ("1", True)])
+@pytest.mark.parametrize("value,expected", [(None, False), ("0", False), ("1", True)])
 def test_environment_switch(value, expected):
+    """Off unless asked for (None: the variable unset)."""
     code = "from spre_fx.layers import tapconv; print(tapconv.enabled())"
-    env = {**os.environ, "SPRE_FX_TAPCONV": value}
+    env = {k: v for k, v in os.environ.items() if k != "SPRE_FX_TAPCONV"}
+    if value is not None:
+        env["SPRE_FX_TAPCONV"] = value
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(expected)
 
@@ -248,3 +260,36 @@ def test_micro_benchmark_runs():
            "--shapes", "512", "--taps", "3", "--layouts", "cross", "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
     assert "512x7x7" in out and "tuned" in out
+
+
+def test_a_prepared_model_trains_over_its_taps_as_over_the_full_branch_and_converts_exactly():
+    """The wiring: with tuning on, SpReConv2d's branch runs tap_conv2d; two training steps match
+    the full-conv branch's (float64), and the converted model equals the prepared one."""
+    from torch import nn
+
+    import spre_fx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.BatchNorm2d(8), nn.ReLU()).double()
+    x = torch.randn(4, 4, 12, 12, dtype=torch.float64)
+    runs = {}
+    for on in (True, False):
+        tapconv.set_enabled(on)
+        tapconv.clear_cache()
+        p = spre_fx.prepare(net, dense_stem=False).train()
+        opt = torch.optim.SGD(p.parameters(), lr=0.1)
+        spre_fx.MaskScheduler(p, opt)
+        for _ in range(2):
+            opt.zero_grad()
+            p(x).square().mean().backward()
+            opt.step()
+        runs[on] = p
+        if on:
+            assert tapconv.tuned_plans() or tapconv.measured_costs()  # the branch went through the tuner
+    assert spre_fx.plan_of(runs[True]).count("spre") == 3
+    for (k, a), b in zip(runs[True].state_dict().items(), runs[False].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=k)
+    tapconv.set_enabled(True)
+    spre_fx.verify(runs[True], spre_fx.convert(runs[True]), x)

@@ -18,7 +18,9 @@ Plans (each exact; rectangles may include off taps, whose weight is zero):
 
 Gradients flow through torch ops: the input gradient is exact, the weight gradient is exact on
 the kept taps and zero off them (where the caller's mask multiplies it by zero anyway).
-Switch off with the environment variable `SPRE_FX_TAPCONV=0` or `set_enabled(False)`; under
+Off by default, like `torch.backends.cudnn.benchmark`: a plan chosen by timing can differ between
+two runs, and with it the float rounding, so a resumed run would no longer repeat a straight one
+bit for bit. Switch on with `SPRE_FX_TAPCONV=1` or `set_enabled(True)`; under
 `torch.compile` the full conv runs (a data-dependent plan cannot be traced).
 """
 
@@ -40,7 +42,7 @@ __all__ = ["PLANS", "tap_conv2d", "set_enabled", "enabled", "clear_cache", "tune
 PLANS = ("full", "bbox", "rows", "cols", "cover", "taps", "stack")
 Rect = tuple[int, int, int, int]  # kernel rows [i0, i1), columns [j0, j1)
 
-_ENABLED = os.environ.get("SPRE_FX_TAPCONV", "1").strip().lower() not in ("0", "false", "off", "no")
+_ENABLED = os.environ.get("SPRE_FX_TAPCONV", "0").strip().lower() in ("1", "true", "on", "yes")
 # Tuning budget: timed repetitions per piece, pieces measured per layer and per call; a plan with
 # a piece beyond the budget is not a candidate (bounded work inside training; the full conv
 # always is).
