@@ -312,9 +312,9 @@ def _set_num_classes(cfg: Any) -> None:
 
 
 def _mmdet_build(config: str, scratch: bool) -> Callable[[], nn.Module]:
-    """mmdet's config, model only: no pretrained weights, no batch augmentations (YOLOX's random
-    resize, LSJ's 1024 padding), NUM_CLASSES classes. `scratch`: every stage and BatchNorm trains
-    (frozen_stages=-1, norm_eval=False: random weights, as the shipped from-scratch configs)."""
+    """mmdet's config, model only, initialised by its init_cfg: no pretrained weights, no batch
+    augmentations (YOLOX's random resize, LSJ's 1024 padding), NUM_CLASSES classes. `scratch`: every
+    stage and BatchNorm trains (frozen_stages=-1, norm_eval=False, as the shipped from-scratch configs)."""
     def build() -> nn.Module:
         from mmdet.registry import MODELS
         from mmengine.config import Config
@@ -330,7 +330,11 @@ def _mmdet_build(config: str, scratch: bool) -> Callable[[], nn.Module]:
             cfg.train_cfg.rcnn.sampler.num = 32
         _set_num_classes(cfg)
         with DefaultScope.overwrite_default_scope("mmdet"):
-            return MODELS.build(cfg)
+            model = MODELS.build(cfg)
+        # As mmengine's Runner does: some parameters are allocated uninitialised (SSD's L2Norm
+        # scale, torch.Tensor(n)) and only init_weights fills them; without it CI met garbage there.
+        model.init_weights()
+        return model
     return build
 
 
@@ -598,3 +602,19 @@ def test_mmdet(case: Case) -> None:
     if MMDET_CONFIGS is None:
         pytest.skip("needs mmdetection with mmcv's ops: pip install -e .[mmdet] (scripts/setup_venv.sh)")
     check_model(case)
+
+
+@pytest.mark.parametrize("case", _case_ids(MMDET_CASES))
+def test_mmdet_models_build_the_same_twice(case: Case) -> None:
+    """A seeded build is reproducible: no parameter or buffer is left uninitialised (SSD's L2Norm
+    scale is torch.Tensor(n) until init_weights; its garbage sent the CI loss to inf)."""
+    if MMDET_CONFIGS is None:
+        pytest.skip("needs mmdetection with mmcv's ops: pip install -e .[mmdet] (scripts/setup_venv.sh)")
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            states.append(case.build().state_dict())
+    differ = [k for k, v in states[0].items() if not torch.equal(v, states[1][k])]
+    assert not differ, f"two builds under one seed differ at {differ[:5]}"
