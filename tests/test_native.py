@@ -54,7 +54,7 @@ def kernels(draw) -> tuple[int, ...]:
     return draw(st.one_of(
         st.just(()),
         st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
-        st.sampled_from([(7, 7), (13, 11), (5, 5, 5), (1, 70)]),
+        st.sampled_from([(3, 3), (7, 7), (13, 11), (5, 5, 5), (1, 70)]),
     ))
 
 
@@ -130,10 +130,35 @@ def test_spatial_kernel_resolves_neighbouring_floats(base, numel, dtype, rate, s
 
 
 @needs_native
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(2, 8),
+    n_frac=st.floats(0.0, 1.0),
+    blocks=st.integers(0, 3),
+    tail=st.integers(0, 15),
+    ties=st.booleans(),
+    nans=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_nm_kernel_on_contiguous_3x3_blocks_and_their_tail(m, n_frac, blocks, tail, ties, nans, seed):
+    """Contiguous float32 3x3 layers take a blocked body (16 groups of M x 9 at a time) and the
+    groups left after the last whole block one tap at a time: both give torch's mask."""
+    assume(blocks or tail)
+    n = min(m - 1, 1 + int(n_frac * (m - 1)))
+    w = rand_weight((blocks * 16 + tail, m, 3, 3), torch.float32, seed, ties)  # one group per row
+    if nans:
+        w.view(-1)[:: 7] = float("nan")
+    expect = torch.empty(w.shape, dtype=torch.bool)
+    _nm_mask_torch(w, n, m, expect)
+    assert torch.equal(nm_mask(w, n, m), expect)
+
+
+@needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(67, 128, 3, 3), (301, 128, 1, 1), (5, 8, 31, 29)])
+@pytest.mark.parametrize("shape", [(67, 1024, 3, 3), (301, 1024, 1, 1), (5, 64, 31, 29)])
 def test_kernels_split_across_threads_like_one(threads, shape):
-    """Layers big enough to be split across threads (chunks start mid-row) give the same result."""
+    """Layers big enough to be split across threads (over 1 MiB: chunks start mid-row and, in 3x3
+    layers, mid-block) give the same result."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
