@@ -6,7 +6,11 @@ Prints the median over repeats of: `nm_mask` for every N:M-eligible conv (what a
 `MaskScheduler` step computes) and `spatial_mask` for every k×k conv (the SpRe layers), each
 with the C kernels (spre_fx/_native.c) and with the torch code they replace, interleaved, with
 the median of per-repeat ratios; and, for the largest weight, a bool mask cast to float read as
-bool and as uint8.
+bool and as uint8. `--baseline-source FILE` also times both masks with another version of the C
+source against the shipped one, interleaved (e.g. the kernels before a change):
+
+    git show d25e6cf:spre_fx/_native.c > /tmp/native_before.c
+    python benchmarks/masks.py --model resnet18 --baseline-source /tmp/native_before.c
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline-source", help="another version of spre_fx/_native.c to compare against")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = getattr(torchvision.models, args.model)()
@@ -73,6 +78,16 @@ def main(argv=None) -> None:
         ratio = statistics.median(a / b for a, b in zip(t_native, t_torch))
         native_ms, torch_ms = statistics.median(t_native), statistics.median(t_torch)
         print(f"{name}: {native_ms:.1f} ms, torch code {torch_ms:.1f} ms, ratio {ratio:.2f}")
+    if args.baseline_source:
+        baseline = _native.build(args.baseline_source)
+        for name, (native, _) in pairs.items():
+            def with_baseline(native=native):
+                with _native.using(baseline):
+                    native()
+            t_native, t_base = interleaved_ms(native, with_baseline, args.repeats)
+            ratio = statistics.median(a / b for a, b in zip(t_native, t_base))
+            print(f"{name}: {statistics.median(t_native):.1f} ms, {args.baseline_source} "
+                  f"{statistics.median(t_base):.1f} ms, ratio {ratio:.2f}")
     big = max(masks, key=torch.Tensor.numel)
     for name, src in (("bool", big), ("uint8 view", big.view(torch.uint8))):
         ms = median_ms(lambda src=src: src.to(torch.float32), args.repeats)

@@ -10,6 +10,9 @@ spre_fx.layers.tapconv computes; the naive build runs the full conv).
 
     python benchmarks/train_step.py --model resnet18 --batch 16 --size 96
     python benchmarks/train_step.py --model resnet50 --batch 8 --size 96
+
+`--baseline-native FILE` adds `nm-baseline` and `spre-baseline`: the same steps with another
+version of the C mask kernels (`git show REV:spre_fx/_native.c > FILE`), interleaved.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torchvision
 from torch import nn
 
 import spre_fx
+from spre_fx import _native
 from spre_fx.layers import SpReConv2d, tapconv
 
 try:
@@ -96,6 +100,16 @@ def with_tapconv(step, on: bool):
     return run
 
 
+def with_library(step, lib):
+    """`step` with `lib` (spre_fx._native.build of another C source) as the mask kernels."""
+
+    def run() -> float:
+        with _native.using(lib):
+            return step()
+
+    return run
+
+
 def profile_steps(steps: dict, n: int = 5) -> None:
     """Per step: self time of the convolution kernels (forward and backward), and the whole
     optimizer step, which includes the MaskScheduler's mask update."""
@@ -131,6 +145,8 @@ def main(argv=None) -> None:
     ap.add_argument("--interval", type=int, default=1,
                     help="mask update interval in steps (1 = SR-STE); a large value isolates the cost of the "
                          "masked forward/backward from the mask updates")
+    ap.add_argument("--baseline-native", metavar="FILE",
+                    help="also time nm and spre with this version of spre_fx/_native.c")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -144,18 +160,27 @@ def main(argv=None) -> None:
     }
     if args.full_branch:
         variants["spre-fullconv"] = (spre_fx.prepare(dense), True)
+    if args.baseline_native:
+        variants["nm-baseline"] = (spre_fx.prepare(dense, spre=False), True)
+        variants["spre-baseline"] = (spre_fx.prepare(dense), True)
     if not args.no_naive:
         variants["naive-spre"] = (naive_spre(dense), False)
     # The naive build calls its convs functionally (no hooks fire): it does SpRe's work.
     flops = {k: training_macs(m, x[:1]) for k, (m, _) in variants.items() if k != "naive-spre"}
     flops["naive-spre"] = flops["spre"]
-    if "spre-fullconv" in variants:
-        flops["spre-fullconv"] = flops["spre"]
-    tap_flops = dict(flops, spre=training_macs(variants["spre"][0], x[:1], taps_only=True))
+    for k in ("spre-fullconv", "spre-baseline"):
+        if k in variants:
+            flops[k] = flops["spre"]
+    spre_taps = training_macs(variants["spre"][0], x[:1], taps_only=True)
+    tap_flops = dict(flops, spre=spre_taps, **({"spre-baseline": spre_taps} if args.baseline_native else {}))
     steps = {k: make_step(m, x, y, s, interval=args.interval) for k, (m, s) in variants.items()}
     steps["spre"] = with_tapconv(steps["spre"], True)
     if "spre-fullconv" in steps:
         steps["spre-fullconv"] = with_tapconv(steps["spre-fullconv"], False)
+    if args.baseline_native:
+        baseline = _native.build(args.baseline_native)
+        steps["nm-baseline"] = with_library(steps["nm-baseline"], baseline)
+        steps["spre-baseline"] = with_library(with_tapconv(steps["spre-baseline"], True), baseline)
     if args.compile:
         import copy
 
@@ -182,6 +207,10 @@ def main(argv=None) -> None:
     if "naive-spre" in times:
         r = [a / b for a, b in zip(times["spre"], times["naive-spre"])]
         print(f"spre / naive-spre: {statistics.median(r):.3f} (goal: clearly below 1)")
+    for k in ("nm", "spre"):
+        if f"{k}-baseline" in times:
+            r = [a / b for a, b in zip(times[k], times[f"{k}-baseline"])]
+            print(f"{k} / {k}-baseline (kernels of {args.baseline_native}): {statistics.median(r):.3f}")
     if args.profile:
         profile_steps(steps)
     n_spre = sum(isinstance(m, SpReConv2d) for m in variants["spre"][0].modules())

@@ -11,6 +11,7 @@ compiler (default `cc`). Arguments are validated here before any call into C, an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -48,12 +49,12 @@ def _compiler_id(cc: list[str]) -> bytes:
     return done.stdout
 
 
-def _build(cc: list[str], lib: Path) -> None:
+def _build(cc: list[str], lib: Path, source: Path = _SOURCE) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:  # build aside, then rename: processes of one job may build at the same time
-        cmd = [*cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+        cmd = [*cc, *_FLAGS, str(source), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise OSError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
@@ -63,20 +64,20 @@ def _build(cc: list[str], lib: Path) -> None:
             os.unlink(tmp)
 
 
-def _compile() -> ctypes.CDLL:
+def _compile(source_path: Path = _SOURCE) -> ctypes.CDLL:
     cc = shlex.split(os.environ.get("CC", "cc"))
-    source = _SOURCE.read_bytes()
+    source = source_path.read_bytes()
     recipe = " ".join([*cc, *_FLAGS, platform.machine()]).encode()
     tag = hashlib.sha256(source + recipe + _compiler_id(cc)).hexdigest()[:16]
     lib = _cache_dir() / f"spre_fx_native_{tag}.so"
     if not lib.exists():
-        _build(cc, lib)
+        _build(cc, lib, source_path)
     try:
         dll = ctypes.CDLL(str(lib))
     except OSError as e:  # a truncated or foreign file in the cache: build it again, once
         warnings.warn(f"spre_fx: cached C mask kernels {lib} did not load ({e}); rebuilding", stacklevel=4)
         lib.unlink(missing_ok=True)
-        _build(cc, lib)
+        _build(cc, lib, source_path)
         dll = ctypes.CDLL(str(lib))
     vp, i64p, cint = ctypes.c_void_p, ctypes.POINTER(_I64), ctypes.c_int
     dll.spre_nm_mask.argtypes = [vp, cint, vp, _I64, _I64, _I64, i64p, i64p, cint, cint, cint]
@@ -101,6 +102,24 @@ def library() -> ctypes.CDLL | None:
                         warnings.warn(f"spre_fx: C mask kernels {_state['why']}; masks are computed "
                                       "with torch instead (same masks, slower on CPU)", stacklevel=3)
     return _state["lib"]  # type: ignore[return-value]
+
+
+def build(source: str | os.PathLike) -> ctypes.CDLL:
+    """Another version of the kernels' C source, built (and cached) like the shipped one: what
+    benchmarks compare the shipped kernels against (`git show REV:spre_fx/_native.c`)."""
+    return _compile(Path(source))
+
+
+@contextlib.contextmanager
+def using(lib: ctypes.CDLL | None):
+    """Run the block with `lib` (from `build`) as the kernels, or the torch code for None."""
+    library()
+    saved = _state["lib"], _state["why"]
+    _state["lib"], _state["why"] = lib, None if lib is not None else "switched off by using(None)"
+    try:
+        yield
+    finally:
+        _state["lib"], _state["why"] = saved
 
 
 def backend() -> str:

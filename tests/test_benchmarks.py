@@ -27,10 +27,13 @@ pytest.importorskip("torchvision", reason="the benchmarks build torchvision mode
 
 SMOKE = [
     ("masks.py --model resnet18 --repeats 1", "spatial_mask, 16 k×k convs"),
+    ("masks.py --model resnet18 --repeats 1 --baseline-source spre_fx/_native.c", "spre_fx/_native.c"),
     ("fused_branches.py --batch 2 --rounds 1", "stacked conv, one BN"),
     ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1", "spre / naive-spre:"),
     ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --no-naive --interval 1000 --profile",
      "optimizer step + masks"),
+    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --no-naive --warmup 0 "
+     "--baseline-native spre_fx/_native.c", "spre / spre-baseline"),
     ("prepare_convert.py --model resnet18 --repeats 1", "median of per-pair ratios"),
     ("latency.py --model resnet18 --batch 1 --size 32 --repeats 1", "median of per-pair ratios"),
     ("scale.py --models resnet18 --modes inplace", "resnet18         inplace"),

@@ -225,6 +225,30 @@ def test_without_a_compiler_masks_fall_back_to_torch_with_one_warning(monkeypatc
         assert torch.equal(spatial_mask(w, 0.5), spatial_sparsity(magnitude_mask(w, 0.5)) < 0.5)
 
 
+@needs_native
+def test_another_build_of_the_source_runs_inside_its_block_only(monkeypatch, tmp_path):
+    """`build` compiles another version of the C source (what benchmarks compare against) and
+    `using` swaps it in for one block; `using(None)` runs the torch code."""
+    monkeypatch.setenv("SPRE_FX_CACHE", str(tmp_path))
+    source = tmp_path / "other.c"
+    source.write_text(_native._SOURCE.read_text() + "\n/* another version */\n")
+    other = _native.build(source)
+    shipped = _native.library()
+    assert other is not shipped and list(tmp_path.glob("native/*.so"))
+    w = rand_weight((8, 16, 3, 3), torch.float32, seed=3, ties=True)
+    expect = torch.empty(w.shape, dtype=torch.bool)
+    _nm_mask_torch(w, 2, 4, expect)
+    with _native.using(other):
+        assert _native.library() is other
+        assert torch.equal(nm_mask(w, 2, 4), expect)
+    assert _native.library() is shipped
+    with _native.using(None):
+        assert _native.backend().startswith("torch")
+        assert not _native.nm_mask(w, 2, 4, torch.empty(w.shape, dtype=torch.bool))
+        assert torch.equal(nm_mask(w, 2, 4), expect)
+    assert _native.backend() == "native"
+
+
 def test_native_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setenv("SPRE_FX_NATIVE", "0")
