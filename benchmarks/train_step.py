@@ -110,20 +110,29 @@ def with_library(step, lib):
     return run
 
 
-def profile_steps(steps: dict, n: int = 5) -> None:
+def profile_steps(steps: dict, n: int = 5, top: int = 6) -> None:
     """Per step: self time of the convolution kernels (forward and backward), and the whole
-    optimizer step, which includes the MaskScheduler's mask update."""
+    optimizer step, which includes the MaskScheduler's mask update (the C kernels count as the
+    step's own time); then, per variant, the ops whose self time grew most over dense."""
     from torch.profiler import ProfilerActivity, profile
 
     print(f"{'profiled':12s} {'conv ms/step':>12s} {'optimizer step + masks ms/step':>31s}")
+    self_ms: dict[str, dict[str, float]] = {}
     for k, step in steps.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(n):
                 step()
         events = prof.key_averages()
+        self_ms[k] = {e.key: e.self_cpu_time_total / n / 1e3 for e in events}
         conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
         opt = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step"))
         print(f"{k:12s} {conv / n / 1e3:12.1f} {opt / n / 1e3:31.1f}")
+    base = self_ms.get("dense", {})
+    for k, ops in self_ms.items():
+        if k == "dense":
+            continue
+        grown = sorted(((ms - base.get(op, 0.0), op) for op, ms in ops.items()), reverse=True)[:top]
+        print(f"{k}: self ms/step over dense: " + ", ".join(f"{op} +{d:.1f}" for d, op in grown))
 
 
 def main(argv=None) -> None:
