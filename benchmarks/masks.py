@@ -23,7 +23,14 @@ import torch
 import torchvision
 
 from spre_fx import _native
-from spre_fx.masks import _nm_mask_torch, magnitude_mask, nm_mask, spatial_mask, spatial_sparsity
+from spre_fx.masks import (
+    _nm_mask_torch,
+    magnitude_mask,
+    nm_mask,
+    spatial_hint,
+    spatial_mask,
+    spatial_sparsity,
+)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -61,6 +68,7 @@ def main(argv=None) -> None:
              if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.in_channels % 4 == 0]
     spatial = [w for w in convs if w.shape[-1] > 1]
     masks = [torch.empty(w.shape, dtype=torch.bool) for w in convs]
+    hints = [spatial_hint() for _ in spatial]
     print(f"{args.model}, {args.threads} threads, median of {args.repeats}, C kernels: {_native.backend()}")
     rate = 0.5
     pairs = {
@@ -70,6 +78,11 @@ def main(argv=None) -> None:
         ),
         f"spatial_mask, {len(spatial)} k×k convs, {sum(w.numel() for w in spatial) / 1e6:.1f}M weights": (
             lambda: [spatial_mask(w, rate) for w in spatial],
+            lambda: [spatial_sparsity(magnitude_mask(w, rate)) < rate for w in spatial],
+        ),
+        # what a SpRe layer calls: its hint holds here (the same weights each time), one pass
+        f"spatial_mask with each layer's hint, {len(spatial)} k×k convs": (
+            lambda: [spatial_mask(w, rate, h) for w, h in zip(spatial, hints)],
             lambda: [spatial_sparsity(magnitude_mask(w, rate)) < rate for w in spatial],
         ),
     }

@@ -251,6 +251,9 @@ typedef struct {
     int64_t *offset;    /* [parts]: where each part writes its bucket keys */
     uint64_t *keys;     /* keys of the bucket ... */
     int64_t *key_tap;   /* ... and their taps */
+    int64_t guess;      /* the bucket the caller's hint names (-1: none), collected in pass 1 */
+    int64_t room;       /* keys of it each part may collect */
+    int64_t *guessed;   /* [parts]: how many it met (more than room: not all kept) */
 } sp_ctx;
 
 /* Rows p = o * C + c of [begin, end), walked without a division per row. Loops keep ctx fields
@@ -264,11 +267,36 @@ typedef struct {
         const int shift = c->shift;                                                          \
         uint32_t *restrict hist = c->hist + part * taps * buckets;                           \
         int64_t o = begin / cin, ch = begin % cin;                                           \
+        if (c->guess < 0) {                                                                  \
+            for (int64_t p = begin; p < end; p++) {                                          \
+                const UT *row = w + o * w0 + ch * w1;                                        \
+                for (int64_t t = 0; t < taps; t++) hist[t * buckets + ((row[t * w2] & SIGN_OFF) >> shift)]++; \
+                if (++ch == cin) ch = 0, o++;                                                \
+            }                                                                                \
+            return;                                                                          \
+        }                                                                                    \
+        /* also keep the keys of the guessed bucket: pass 2 is not needed when it holds v_k */ \
+        const UT guess = (UT)c->guess;                                                       \
+        const int64_t room = c->room;                                                        \
+        uint64_t *restrict keys = c->keys + part * room;                                     \
+        int64_t *restrict key_tap = c->key_tap + part * room;                                \
+        int64_t met = 0;                                                                     \
         for (int64_t p = begin; p < end; p++) {                                              \
             const UT *row = w + o * w0 + ch * w1;                                            \
-            for (int64_t t = 0; t < taps; t++) hist[t * buckets + ((row[t * w2] & SIGN_OFF) >> shift)]++; \
+            for (int64_t t = 0; t < taps; t++) {                                             \
+                const UT key = row[t * w2] & SIGN_OFF, b = key >> shift;                     \
+                hist[t * buckets + b]++;                                                     \
+                if (b == guess) {                                                            \
+                    if (met < room) {                                                        \
+                        keys[met] = key;                                                     \
+                        key_tap[met] = t;                                                    \
+                    }                                                                        \
+                    met++;                                                                   \
+                }                                                                            \
+            }                                                                                \
             if (++ch == cin) ch = 0, o++;                                                    \
         }                                                                                    \
+        c->guessed[part] = met;                                                              \
     }                                                                                        \
     static void sp_collect_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {      \
         const sp_ctx *c = (const sp_ctx *)vctx;                                              \
@@ -328,9 +356,14 @@ static int bucket_bits(int64_t numel, int64_t taps) {
 }
 
 /* kept: [taps] int64; k in [1, o*c*taps]. Returns 0; 1 when the layer holds inf/NaN (not
- * handled here); -1 when out of memory or on arguments out of range. */
-int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
-                      const int64_t *wstrides, int64_t k, int threads, int64_t *kept) {
+ * handled here); -1 when out of memory or on arguments out of range.
+ * hint (NULL: none): int64[3], in: {bucket, keys it held} of an earlier call on this layer (-1,
+ * 0: none); out: {this call's bucket, its keys, 1 if pass 2 was skipped}. Pass 1 keeps the keys
+ * of the hinted bucket; when v_k is still in it (a weight that moved a little since), they are
+ * the keys pass 2 would collect. The hint decides only whether pass 2 runs: any value gives the
+ * same counts. */
+static int spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
+                        const int64_t *wstrides, int64_t k, int threads, int64_t *kept, int64_t *hint) {
     if (!w || !kept || bad_layout(o, c, taps, wstrides) || o == 0 || taps == 0) return -1;
     /* per-part histogram counts are uint32 */
     if (o > INT64_MAX / c || o * c > INT64_MAX / taps || o * c > (int64_t)UINT32_MAX) return -1;
@@ -342,14 +375,25 @@ int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_
     if (parts > rows) parts = rows > 0 ? (int)rows : 1;
     const int bits = bucket_bits(rows * taps, taps);
     sp_ctx ctx = {w, c, taps, {wstrides[0], wstrides[1], wstrides[2]}, (int)(key_bits - bits),
-                  (int64_t)1 << bits, NULL, 0, NULL, NULL, NULL};
+                  (int64_t)1 << bits, NULL, 0, NULL, NULL, NULL, -1, 0, NULL};
     const int64_t buckets = ctx.buckets, per_part = taps * buckets;
-    int64_t offset[MAX_THREADS];
+    int64_t offset[MAX_THREADS], guessed[MAX_THREADS] = {0};
     uint64_t *scratch = NULL;
     int status = -1;
     int64_t *total = calloc((size_t)buckets, sizeof(int64_t));
     ctx.hist = calloc((size_t)(parts * per_part), sizeof(uint32_t));
     if (!total || !ctx.hist) goto done;
+    if (hint) {
+        const int64_t guess = hint[0], before_keys = hint[1];
+        hint[0] = -1, hint[1] = 0, hint[2] = 0;
+        if (guess >= 0 && guess < buckets && before_keys > 0 && before_keys <= rows * taps) {
+            /* room for the keys it held last time and a margin, per part */
+            const int64_t room = (before_keys + before_keys / 4 + 64) / parts + 64;
+            ctx.keys = malloc(sizeof(uint64_t) * (size_t)(room * parts));
+            ctx.key_tap = malloc(sizeof(int64_t) * (size_t)(room * parts));
+            if (ctx.keys && ctx.key_tap) ctx.guess = guess, ctx.room = room, ctx.guessed = guessed;
+        }
+    }
     parallel_for(rows, parts, is_double ? sp_hist_f64 : sp_hist_f32, &ctx);
 
     for (int i = 0; i < parts; i++) {
@@ -380,16 +424,28 @@ int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_
         offset[i] = in_bucket;
         for (int64_t t = 0; t < taps; t++) in_bucket += ctx.hist[i * per_part + t * buckets + b];
     }
+    int reuse = ctx.guess == b;
+    for (int i = 0; i < parts && reuse; i++) reuse = guessed[i] <= ctx.room;
+    if (reuse) { /* the keys pass 1 kept, packed part after part: pass 2's order */
+        for (int i = 0; i < parts; i++) {
+            memmove(ctx.keys + offset[i], ctx.keys + i * ctx.room, sizeof(uint64_t) * (size_t)guessed[i]);
+            memmove(ctx.key_tap + offset[i], ctx.key_tap + i * ctx.room, sizeof(int64_t) * (size_t)guessed[i]);
+        }
+    } else {
+        free(ctx.keys);
+        free(ctx.key_tap);
+        ctx.keys = malloc(sizeof(uint64_t) * (size_t)in_bucket);
+        ctx.key_tap = malloc(sizeof(int64_t) * (size_t)in_bucket);
+    }
     ctx.offset = offset;
-    ctx.keys = malloc(sizeof(uint64_t) * (size_t)in_bucket);
-    ctx.key_tap = malloc(sizeof(int64_t) * (size_t)in_bucket);
     scratch = malloc(sizeof(uint64_t) * (size_t)in_bucket);
     if (in_bucket < 1 || k - before > in_bucket || !ctx.keys || !ctx.key_tap || !scratch) goto done;
-    parallel_for(rows, parts, is_double ? sp_collect_f64 : sp_collect_f32, &ctx);
+    if (!reuse) parallel_for(rows, parts, is_double ? sp_collect_f64 : sp_collect_f32, &ctx);
 
     memcpy(scratch, ctx.keys, sizeof(uint64_t) * (size_t)in_bucket);
     const uint64_t kth = select_kth(scratch, in_bucket, k - before, ctx.shift);
     for (int64_t i = 0; i < in_bucket; i++) kept[ctx.key_tap[i]] += ctx.keys[i] > kth;
+    if (hint) hint[0] = b, hint[1] = in_bucket, hint[2] = reuse;
     status = 0;
 done:
     free(total);
@@ -398,4 +454,17 @@ done:
     free(ctx.keys);
     free(ctx.key_tap);
     return status;
+}
+
+int spre_spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
+                      const int64_t *wstrides, int64_t k, int threads, int64_t *kept) {
+    return spatial_kept(w, is_double, o, c, taps, wstrides, k, threads, kept, NULL);
+}
+
+/* The same with a hint (see spatial_kept): int64[3], read and written. */
+int spre_spatial_kept_hinted(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
+                             const int64_t *wstrides, int64_t k, int threads, int64_t *kept,
+                             int64_t *hint) {
+    if (!hint) return -1;
+    return spatial_kept(w, is_double, o, c, taps, wstrides, k, threads, kept, hint);
 }

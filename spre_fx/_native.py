@@ -84,6 +84,9 @@ def _compile(source_path: Path = _SOURCE) -> ctypes.CDLL:
     dll.spre_nm_mask.restype = cint
     dll.spre_spatial_kept.argtypes = [vp, cint, _I64, _I64, _I64, i64p, _I64, cint, vp]
     dll.spre_spatial_kept.restype = cint
+    if hasattr(dll, "spre_spatial_kept_hinted"):  # absent from builds of older sources (`build`)
+        dll.spre_spatial_kept_hinted.argtypes = [vp, cint, _I64, _I64, _I64, i64p, _I64, cint, vp, vp]
+        dll.spre_spatial_kept_hinted.restype = cint
     return dll
 
 
@@ -195,9 +198,19 @@ def nm_mask(weight: Tensor, n: int, m: int, out: Tensor) -> bool:
     return True
 
 
-def spatial_kept(weight: Tensor, k: int) -> Tensor | None:
+def spatial_hint() -> Tensor:
+    """A new hint for `spatial_kept`: one per layer, passed at each update of that layer."""
+    return torch.tensor([-1, 0, 0], dtype=torch.int64)
+
+
+def spatial_kept(weight: Tensor, k: int, hint: Tensor | None = None) -> Tensor | None:
     """Per kernel tap, how many |w| exceed the k-th smallest |w| of the layer (1 <= k <= numel):
-    the per-tap kept counts of `masks.magnitude_mask`. None when not handled here."""
+    the per-tap kept counts of `masks.magnitude_mask`. None when not handled here.
+
+    `hint` (from `spatial_hint`, kept by the caller per layer) remembers where the k-th |w| was
+    last time: while it stays there (a weight moved by one optimizer step), one pass over the
+    weight instead of two. It changes only the speed: the counts are the same for any hint.
+    """
     lib = _ready(weight)
     if lib is None or not _conv_weight(weight) or weight.dim() < 3 or not 1 <= k <= weight.numel():
         return None
@@ -206,6 +219,13 @@ def spatial_kept(weight: Tensor, k: int) -> Tensor | None:
         return None
     o, c, taps, strides = layout
     kept = torch.empty(taps, dtype=torch.int64)
-    rc = lib.spre_spatial_kept(weight.data_ptr(), int(weight.dtype == torch.float64), o, c, taps,
-                               (_I64 * 3)(*strides), k, torch.get_num_threads(), kept.data_ptr())
+    args = (weight.data_ptr(), int(weight.dtype == torch.float64), o, c, taps, (_I64 * 3)(*strides), k,
+            torch.get_num_threads(), kept.data_ptr())
+    if hint is not None and (hint.dtype != torch.int64 or hint.shape != (3,) or not _plain_cpu(hint)
+                             or not hint.is_contiguous()):
+        raise ValueError("hint must come from spatial_hint(): a contiguous CPU int64 tensor of 3")
+    if hint is None or not hasattr(lib, "spre_spatial_kept_hinted"):
+        rc = lib.spre_spatial_kept(*args)
+    else:
+        rc = lib.spre_spatial_kept_hinted(*args, hint.data_ptr())
     return kept.reshape(weight.shape[2:]) if rc == 0 else None

@@ -21,6 +21,7 @@ __all__ = [
     "magnitude_mask",
     "spatial_sparsity",
     "spatial_mask",
+    "spatial_hint",
     "srste",
     "srste_pruned",
     "pruned_indicator",
@@ -172,16 +173,23 @@ def spatial_sparsity(mask: Tensor) -> Tensor:
     return _tap_sparsity(mask.float().sum(dim=(0, 1)), mask.shape[0] * mask.shape[1])
 
 
-def spatial_mask(weight: Tensor, rate: float) -> Tensor:
+def spatial_hint() -> Tensor:
+    """Where a layer's k-th |w| was at its last `spatial_mask` (a small tensor the caller keeps,
+    one per layer): while it has not moved, the C kernel reads the weight once instead of twice."""
+    return _native.spatial_hint()
+
+
+def spatial_mask(weight: Tensor, rate: float, hint: Tensor | None = None) -> Tensor:
     """The SpRe spatial mask S: taps that unstructured pruning at `rate` keeps denser than average.
 
     S[h, w] = s_U(h, w) < rate, with s_U the spatial sparsity of layer-wise magnitude
-    pruning of the dense latent weight (docs/method.md §3).
+    pruning of the dense latent weight (docs/method.md §3). `hint` (`spatial_hint()`, one per
+    layer) only speeds up the next update of the same layer's S.
     """
     k = _pruned_count(rate, weight.numel())
     if weight.dim() < 3:
         raise ValueError(f"expected a conv weight [O, C, *kernel], found shape {tuple(weight.shape)}")
-    kept = _native.spatial_kept(weight.detach(), k) if k else None
+    kept = _native.spatial_kept(weight.detach(), k, hint) if k else None
     if kept is None:
         return spatial_sparsity(magnitude_mask(weight, rate)) < rate
     return _tap_sparsity(kept.float(), weight.shape[0] * weight.shape[1]) < rate

@@ -23,7 +23,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import spre_fx
 from spre_fx import _native
-from spre_fx.masks import _nm_mask_torch, magnitude_mask, nm_mask, spatial_mask, spatial_sparsity
+from spre_fx.masks import (
+    _nm_mask_torch,
+    magnitude_mask,
+    nm_mask,
+    spatial_hint,
+    spatial_mask,
+    spatial_sparsity,
+)
 
 needs_native = pytest.mark.skipif(_native.library() is None, reason=f"C mask kernels: {_native.backend()}")
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -112,6 +119,59 @@ def test_spatial_kernel_counts_what_magnitude_pruning_keeps(o, c, kernel, dtype,
 
 
 @needs_native
+@SETTINGS
+@given(
+    o=st.integers(1, 40),
+    c=st.integers(1, 24),
+    kernel=st.sampled_from([(3, 3), (1, 3), (5, 5), (2, 2, 2)]),
+    dtype=st.sampled_from(FLOATS),
+    ties=st.booleans(),
+    rate=st.floats(0.01, 0.99),
+    layout=st.sampled_from(["contiguous", "channels_last", "slice"]),
+    step=st.sampled_from([0.0, 1e-4, 1e-2, 1.0]),
+    garbage=st.one_of(st.none(),
+                      st.tuples(st.integers(-3, 5000), st.integers(-3, 10**7), st.integers(-1, 2))),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_spatial_hint_changes_no_count(o, c, kernel, dtype, ties, rate, layout, step, garbage, threads,
+                                         seed):
+    """The hint kept per layer (where the k-th |w| was at its last update) only decides whether the
+    kernel reads the weight a second time: after a step of any size, or holding any value, the
+    counts are magnitude pruning's. The same weight twice reuses the first pass's keys."""
+    w = relayout(rand_weight((o, c, *kernel), dtype, seed, ties), layout)
+    k = int(round(rate * w.numel()))
+    assume(0 < k < w.numel())
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hint = spatial_hint()
+        first = _native.spatial_kept(w, k, hint)
+        assert torch.equal(first, magnitude_mask(w, rate).sum(dim=(0, 1)))
+        assert hint[0] >= 0 and hint[1] >= 1 and hint[2] == 0  # nothing to reuse the first time
+        again = _native.spatial_kept(w, k, hint)
+        assert torch.equal(again, first) and hint[2] == 1
+        if garbage is not None:
+            hint.copy_(torch.tensor(garbage))
+        noise = rand_weight(w.shape, dtype, seed + 1, ties=False) * step
+        moved = relayout((w + noise).contiguous(), layout)
+        assert torch.equal(_native.spatial_kept(moved, k, hint), magnitude_mask(moved, rate).sum(dim=(0, 1)))
+        expect_s = spatial_sparsity(magnitude_mask(moved, rate)) < rate
+        assert torch.equal(spatial_mask(moved, rate, hint), expect_s)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+def test_a_spatial_hint_is_checked_before_use():
+    w = torch.randn(8, 8, 3, 3)
+    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(2, dtype=torch.int64),
+                torch.zeros(6, dtype=torch.int64)[::2]):
+        with pytest.raises(ValueError, match="spatial_hint"):
+            _native.spatial_kept(w, 10, bad)
+
+
+@needs_native
 @settings(max_examples=25, deadline=None)
 @given(base=st.floats(0.1, 10.0), numel=st.integers(50, 2000), dtype=st.sampled_from(FLOATS),
        rate=st.floats(0.01, 0.99), seed=st.integers(0, 2**31 - 1))
@@ -166,8 +226,15 @@ def test_kernels_split_across_threads_like_one(threads, shape):
         expect = torch.empty(w.shape, dtype=torch.bool)
         _nm_mask_torch(w, 2, 4, expect)
         assert torch.equal(nm_mask(w, 2, 4), expect)
-        kept = _native.spatial_kept(w, w.numel() // 2)
-        assert torch.equal(kept, magnitude_mask(w, (w.numel() // 2) / w.numel()).sum(dim=(0, 1)))
+        k = w.numel() // 2
+        expect_kept = magnitude_mask(w, k / w.numel()).sum(dim=(0, 1))
+        assert torch.equal(_native.spatial_kept(w, k), expect_kept)
+        hint = spatial_hint()  # parts keep their share of the hinted bucket apart, then pack it
+        assert torch.equal(_native.spatial_kept(w, k, hint), expect_kept) and hint[2] == 0
+        assert torch.equal(_native.spatial_kept(w, k, hint), expect_kept) and hint[2] == 1
+        moved = w + 1e-3 * rand_weight(shape, torch.float32, seed=1, ties=False)
+        assert torch.equal(_native.spatial_kept(moved, k, hint),
+                           magnitude_mask(moved, k / w.numel()).sum(dim=(0, 1)))
     finally:
         torch.set_num_threads(old)
 

@@ -48,7 +48,7 @@ class LayerState:
     frozen: masks held by the user (`freeze_masks`); scheduled: moved by a `MaskScheduler` only;
     dense_warmup: the scheduler holds the N:M mask all-ones. mask_key: what identifies the weight
     the stored masks were computed from (None: unknown). caches: float masks derived from the
-    bool buffers, rebuilt on demand.
+    bool buffers, rebuilt on demand, and the spatial mask kernel's hint (speed only).
     """
 
     original: type

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..masks import spatial_mask
+from ..masks import spatial_hint, spatial_mask
 from ..module_tree import adopt
 from ..registry import NormSpec
 from .nm import STATE, NMLayer
@@ -94,7 +94,8 @@ class SpReConv2d(NMLayer, nn.Conv2d):
 
     def spatial_from_weight(self) -> Tensor:
         """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (method.md §3)."""
-        return spatial_mask(self.weight, 1.0 - self.spre_fx.n / self.spre_fx.m)
+        hint = self.spre_fx.caches.setdefault("spatial_hint", spatial_hint())  # speed only, any value
+        return spatial_mask(self.weight, 1.0 - self.spre_fx.n / self.spre_fx.m, hint)
 
     def _rep_mask(self) -> Tensor:
         """M_nm ⊙ S in the branch weight's dtype (bools read as uint8: faster on CPU)."""
