@@ -94,8 +94,10 @@ class SpReConv2d(NMLayer, nn.Conv2d):
 
     def spatial_from_weight(self) -> Tensor:
         """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (method.md §3)."""
-        hint = self.spre_fx.caches.setdefault("spatial_hint", spatial_hint())  # speed only, any value
-        return spatial_mask(self.weight, 1.0 - self.spre_fx.n / self.spre_fx.m, hint)
+        caches = self.spre_fx.caches
+        if "spatial_hint" not in caches:  # speed only: any value gives the same S
+            caches["spatial_hint"] = spatial_hint()
+        return spatial_mask(self.weight, 1.0 - self.spre_fx.n / self.spre_fx.m, caches["spatial_hint"])
 
     def _rep_mask(self) -> Tensor:
         """M_nm ⊙ S in the branch weight's dtype (bools read as uint8: faster on CPU)."""
