@@ -276,6 +276,23 @@ def test_spre_adopt_shares_user_parameters(nml, dtype, affine, seed):
     assert torch.equal(p.sconv.nm_mask, mask) and torch.equal(p.sconv.spatial_mask, spatial)
 
 
+def test_spre_conv_passes_its_spatial_hint_from_adopt_on():
+    """The layer hands the spatial kernel its own hint, first at adopt: an update of S on weights
+    that have not moved reuses the histogram pass (one read of the weight, not two), and S is
+    the pure function's."""
+    from spre_fx import _native
+
+    if _native.library() is None:
+        pytest.skip(f"C mask kernels: {_native.backend()}")
+    torch.manual_seed(0)
+    conv = SpReConv2d.adopt(nn.Conv2d(32, 16, 3, bias=False), 2, 4, 0.0)
+    hint = conv.spre_fx.caches["spatial_hint"]
+    assert hint[0] >= 0 and hint[2] == 0  # adopt's S: nothing to reuse yet
+    conv.update_masks(("spatial_mask",))
+    assert conv.spre_fx.caches["spatial_hint"] is hint and hint[2] == 1
+    assert torch.equal(conv.spatial_mask, spatial_mask(conv.weight, 0.5))
+
+
 @pytest.mark.parametrize("cin,cout,kernel", [(64, 128, (3, 3)), (32, 96, (3, 5)), (48, 64, (5, 1))])
 def test_weight_rep_has_kaiming_fan_in_std(cin, cout, kernel):
     """weight_rep ~ N(0, 2 / fan_in), independent of the user's weight (large layer, statistics)."""

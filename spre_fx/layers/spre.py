@@ -79,8 +79,10 @@ class SpReConv2d(NMLayer, nn.Conv2d):
         rep = torch.empty_like(w, requires_grad=False)
         nn.init.kaiming_normal_(rep, mode="fan_in", generator=_branch_generator(w))
         new.weight_rep = nn.Parameter(rep, requires_grad=w.requires_grad)
-        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m))
+        hint = spatial_hint()
+        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m, hint))
         new.init_masks(type(module), n, m, decay)
+        new.spre_fx.caches["spatial_hint"] = hint
         return new
 
     def masks_from_weight(self) -> dict[str, Tensor]:
