@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
+from spre_fx import _native
 from spre_fx.collapse import collapse_layer
 from spre_fx.fusion import BNStats, fold_bn, merge_spre
 from spre_fx.layers import NMConv1d, NMConv2d, NMConv3d, NMLinear, SpReBatchNorm2d, SpReConv2d
@@ -276,14 +277,11 @@ def test_spre_adopt_shares_user_parameters(nml, dtype, affine, seed):
     assert torch.equal(p.sconv.nm_mask, mask) and torch.equal(p.sconv.spatial_mask, spatial)
 
 
+@pytest.mark.skipif(_native.library() is None, reason=f"no C mask kernels here: {_native.backend()}")
 def test_spre_conv_passes_its_spatial_hint_from_adopt_on():
     """The layer hands the spatial kernel its own hint, first at adopt: an update of S on weights
     that have not moved reuses the histogram pass (one read of the weight, not two), and S is
     the pure function's."""
-    from spre_fx import _native
-
-    if _native.library() is None:
-        pytest.skip(f"C mask kernels: {_native.backend()}")
     torch.manual_seed(0)
     conv = SpReConv2d.adopt(nn.Conv2d(32, 16, 3, bias=False), 2, 4, 0.0)
     hint = conv.spre_fx.caches["spatial_hint"]
