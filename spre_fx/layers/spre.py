@@ -97,7 +97,7 @@ class SpReConv2d(NMLayer, nn.Conv2d):
     def spatial_from_weight(self) -> Tensor:
         """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (method.md §3)."""
         caches = self.spre_fx.caches
-        if "spatial_hint" not in caches:  # speed only: any value gives the same S
+        if "spatial_hint" not in caches:  # a copy starts without one (speed only: any value, same S)
             caches["spatial_hint"] = spatial_hint()
         return spatial_mask(self.weight, 1.0 - self.spre_fx.n / self.spre_fx.m, caches["spatial_hint"])
 
