@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     spatial = [w for w in convs if w.shape[-1] > 1]
     masks = [torch.empty(w.shape, dtype=torch.bool) for w in convs]
     hints = [spatial_hint() for _ in spatial]
+    baseline_hints = [spatial_hint() for _ in spatial]  # its own: another source may read them otherwise
     print(f"{args.model}, {args.threads} threads, median of {args.repeats}, C kernels: {_native.backend()}")
     rate = 0.5
     pairs = {
@@ -96,7 +97,11 @@ def main(argv=None) -> None:
         for name, (native, _) in pairs.items():
             def with_baseline(native=native):
                 with _native.using(baseline):
-                    native()
+                    hints[:], baseline_hints[:] = baseline_hints[:], hints[:]
+                    try:
+                        native()
+                    finally:
+                        hints[:], baseline_hints[:] = baseline_hints[:], hints[:]
             t_native, t_base = interleaved_ms(native, with_baseline, args.repeats)
             ratio = statistics.median(a / b for a, b in zip(t_native, t_base))
             print(f"{name}: {statistics.median(t_native):.1f} ms, {args.baseline_source} "

@@ -235,10 +235,12 @@ int spre_nm_mask(const void *w, int is_double, uint8_t *out, int64_t o, int64_t 
 /* ------------------------------------------------------------------ spatial-mask counts
  * kept[t] = #{(o, c) : |w[o, c, t]| > v_k}, v_k the k-th smallest |w| of the layer: the per-tap
  * kept counts of masks.magnitude_mask (`a > v_k`: ties at v_k are pruned). Non-negative floats
- * order like their bit patterns with the sign bit cleared, so v_k is found by a radix select:
- * pass 1 builds a histogram of the top `bits` bits per tap, which gives the bucket holding v_k
- * and, per tap, the count above it; pass 2 collects that one bucket, selected 11 bits at a time.
- * Layers holding inf or NaN (or |w| within a bucket of inf) are left to the torch code.
+ * order like their bit patterns with the sign bit cleared (their keys), so v_k is found by a
+ * radix select: pass 1 builds a histogram of the top `bits` bits per tap, which gives the bucket
+ * holding v_k and, per tap, the count above it; pass 2 collects that one bucket, selected 11 bits
+ * at a time. With a hint (the key of v_k at the layer's last update), one pass instead: see
+ * "bracket" below. Layers holding inf or NaN (or |w| within a bucket of inf) are left to the
+ * torch code.
  */
 typedef struct {
     const void *w;
@@ -251,10 +253,35 @@ typedef struct {
     int64_t *offset;    /* [parts]: where each part writes its bucket keys */
     uint64_t *keys;     /* keys of the bucket ... */
     int64_t *key_tap;   /* ... and their taps */
-    int64_t guess;      /* the bucket the caller's hint names (-1: none), collected in pass 1 */
-    int64_t room;       /* keys of it each part may collect */
-    int64_t *guessed;   /* [parts]: how many it met (more than room: not all kept) */
 } sp_ctx;
+
+/* One pass with a bracket [lo, lo + span] around the key v_k had last time: per part, the count
+ * per tap of keys above it and the keys in it (arrays grown as needed); `worst`, the largest key
+ * (inf/NaN check). */
+typedef struct {
+    const void *w;
+    int64_t c, taps;
+    int64_t ws[3];
+    uint64_t lo, span;
+    int64_t *above;                /* [parts][taps] */
+    uint64_t *keys[MAX_THREADS];   /* per part: the keys in the bracket ... */
+    int64_t *key_tap[MAX_THREADS]; /* ... and their taps */
+    int64_t met[MAX_THREADS], cap[MAX_THREADS];
+    uint64_t worst[MAX_THREADS];
+    int oom[MAX_THREADS];
+} br_ctx;
+
+/* Room for twice as many bracket keys in part `part`; 0 when out of memory. */
+static int br_grow(br_ctx *c, int part) {
+    const int64_t cap = c->cap[part] ? 2 * c->cap[part] : 1024;
+    uint64_t *keys = realloc(c->keys[part], sizeof(uint64_t) * (size_t)cap);
+    if (keys) c->keys[part] = keys;
+    int64_t *taps = keys ? realloc(c->key_tap[part], sizeof(int64_t) * (size_t)cap) : NULL;
+    if (taps) c->key_tap[part] = taps;
+    if (!keys || !taps) return 0;
+    c->cap[part] = cap;
+    return 1;
+}
 
 /* Rows p = o * C + c of [begin, end), walked without a division per row. Loops keep ctx fields
  * in locals (stores through the histogram pointers may alias them). */
@@ -267,36 +294,11 @@ typedef struct {
         const int shift = c->shift;                                                          \
         uint32_t *restrict hist = c->hist + part * taps * buckets;                           \
         int64_t o = begin / cin, ch = begin % cin;                                           \
-        if (c->guess < 0) {                                                                  \
-            for (int64_t p = begin; p < end; p++) {                                          \
-                const UT *row = w + o * w0 + ch * w1;                                        \
-                for (int64_t t = 0; t < taps; t++) hist[t * buckets + ((row[t * w2] & SIGN_OFF) >> shift)]++; \
-                if (++ch == cin) ch = 0, o++;                                                \
-            }                                                                                \
-            return;                                                                          \
-        }                                                                                    \
-        /* also keep the keys of the guessed bucket: pass 2 is not needed when it holds v_k */ \
-        const UT guess = (UT)c->guess;                                                       \
-        const int64_t room = c->room;                                                        \
-        uint64_t *restrict keys = c->keys + part * room;                                     \
-        int64_t *restrict key_tap = c->key_tap + part * room;                                \
-        int64_t met = 0;                                                                     \
         for (int64_t p = begin; p < end; p++) {                                              \
             const UT *row = w + o * w0 + ch * w1;                                            \
-            for (int64_t t = 0; t < taps; t++) {                                             \
-                const UT key = row[t * w2] & SIGN_OFF, b = key >> shift;                     \
-                hist[t * buckets + b]++;                                                     \
-                if (b == guess) {                                                            \
-                    if (met < room) {                                                        \
-                        keys[met] = key;                                                     \
-                        key_tap[met] = t;                                                    \
-                    }                                                                        \
-                    met++;                                                                   \
-                }                                                                            \
-            }                                                                                \
+            for (int64_t t = 0; t < taps; t++) hist[t * buckets + ((row[t * w2] & SIGN_OFF) >> shift)]++; \
             if (++ch == cin) ch = 0, o++;                                                    \
         }                                                                                    \
-        c->guessed[part] = met;                                                              \
     }                                                                                        \
     static void sp_collect_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {      \
         const sp_ctx *c = (const sp_ctx *)vctx;                                              \
@@ -318,10 +320,104 @@ typedef struct {
             }                                                                                \
             if (++ch == cin) ch = 0, o++;                                                    \
         }                                                                                    \
+    }                                                                                        \
+    static void sp_bracket_##SUFFIX(void *vctx, int64_t begin, int64_t end, int part) {      \
+        br_ctx *c = (br_ctx *)vctx;                                                          \
+        const UT *restrict w = (const UT *)c->w;                                             \
+        const int64_t cin = c->c, taps = c->taps, w0 = c->ws[0], w1 = c->ws[1], w2 = c->ws[2]; \
+        const UT lo = (UT)c->lo, span = (UT)c->span, hi = (UT)(c->lo + c->span);             \
+        int64_t *restrict above = c->above + part * taps;                                    \
+        uint64_t *keys = c->keys[part];                                                      \
+        int64_t *key_tap = c->key_tap[part];                                                 \
+        int64_t met = c->met[part], cap = c->cap[part]; /* a flat body may have begun */    \
+        UT worst = (UT)c->worst[part];                                                       \
+        int64_t o = begin / cin, ch = begin % cin;                                           \
+        for (int64_t p = begin; p < end; p++) {                                              \
+            const UT *row = w + o * w0 + ch * w1;                                            \
+            for (int64_t t = 0; t < taps; t++) {                                             \
+                const UT key = row[t * w2] & SIGN_OFF;                                       \
+                above[t] += key > hi;                                                        \
+                worst = key > worst ? key : worst;                                           \
+                if ((UT)(key - lo) <= span) { /* unsigned: keys below lo wrap past span */   \
+                    if (met == cap) {                                                        \
+                        if (!br_grow(c, part)) {                                             \
+                            c->oom[part] = 1;                                                \
+                            return;                                                          \
+                        }                                                                    \
+                        keys = c->keys[part], key_tap = c->key_tap[part], cap = c->cap[part]; \
+                    }                                                                        \
+                    keys[met] = key;                                                         \
+                    key_tap[met++] = t;                                                      \
+                }                                                                            \
+            }                                                                                \
+            if (++ch == cin) ch = 0, o++;                                                    \
+        }                                                                                    \
+        c->met[part] = met;                                                                  \
+        c->worst[part] = worst;                                                              \
     }
 
 SP_BODIES(f32, uint32_t, 0x7fffffffU)
 SP_BODIES(f64, uint64_t, 0x7fffffffffffffffULL)
+
+#define BR_BLOCK_ROWS 16
+#define BR_LANES_MAX 1024 /* 16 rows of up to 64 taps */
+#define BR_RUN 16         /* keys tested together before any is collected (4 vectors) */
+
+/* Four int32 lanes (GCC/Clang vector extensions: SSE2 on x86-64, NEON on arm64). */
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4i v4_load(const int32_t *p) {
+    v4i v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The bracket pass of a contiguous float32 [O, C, taps] weight (taps <= 64): 16 rows at a time
+ * as one run of 16 * taps keys counted in vector lanes (keys fit int32); a run of 16 keys that
+ * holds a key of the bracket is walked again to collect it. The rows after the last whole block
+ * go through the strided body. */
+static void sp_bracket_flat_f32(void *vctx, int64_t begin, int64_t end, int part) {
+    br_ctx *c = (br_ctx *)vctx;
+    const int32_t *restrict w = (const int32_t *)c->w;
+    const int64_t taps = c->taps, lanes = BR_BLOCK_ROWS * taps;
+    const int32_t lo = (int32_t)c->lo, hi = (int32_t)(c->lo + c->span);
+    const v4i sign_off = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+    const v4i lo_v = {lo, lo, lo, lo}, hi_v = {hi, hi, hi, hi};
+    v4i acc[BR_LANES_MAX / 4], worst = {0, 0, 0, 0};
+    memset(acc, 0, sizeof(v4i) * (size_t)(lanes / 4));
+    int64_t met = 0, p = begin;
+    for (; p + BR_BLOCK_ROWS <= end; p += BR_BLOCK_ROWS) {
+        const int32_t *restrict x = w + p * taps;
+        for (int64_t g = 0; g < lanes; g += BR_RUN) { /* lanes: a multiple of BR_RUN */
+            v4i in = {0, 0, 0, 0};
+            for (int64_t j = g; j < g + BR_RUN; j += 4) {
+                const v4i key = v4_load(x + j) & sign_off;
+                const v4i above = key > hi_v, more = key > worst; /* lanes: -1 true, 0 false */
+                acc[j / 4] -= above;
+                in |= (key >= lo_v) & ~above;
+                worst = (key & more) | (worst & ~more);
+            }
+            if (!(in[0] | in[1] | in[2] | in[3])) continue;
+            for (int64_t j = g; j < g + BR_RUN; j++) {
+                const int32_t key = x[j] & 0x7fffffff;
+                if (key < lo || key > hi) continue;
+                if (met == c->cap[part] && !br_grow(c, part)) {
+                    c->oom[part] = 1;
+                    return;
+                }
+                c->keys[part][met] = (uint64_t)key;
+                c->key_tap[part][met++] = j % taps;
+            }
+        }
+    }
+    int64_t *above = c->above + part * taps;
+    for (int64_t j = 0; j < lanes; j++) above[j % taps] += (uint32_t)acc[j / 4][j % 4];
+    int32_t top = 0;
+    for (int i = 0; i < 4; i++) top = worst[i] > top ? worst[i] : top;
+    c->met[part] = met;
+    c->worst[part] = (uint64_t)top;
+    if (p < end) sp_bracket_f32(vctx, p, end, part);
+}
 
 #define DIGIT_BITS 11 /* select digits: a 16 KiB histogram on the stack */
 
@@ -355,13 +451,95 @@ static int bucket_bits(int64_t numel, int64_t taps) {
     return bits;
 }
 
+/* How many keys the next bracket aims to hold: enough that a weight moved by one optimizer step
+ * keeps v_k inside, few enough that collecting them stays a small part of the pass. */
+static double bracket_target(int64_t numel) {
+    const double share = (double)numel / 2048.0;
+    return share > 256.0 ? share : 256.0;
+}
+
+/* The next half-width: `target` keys at the density just seen (`in` keys over `width` key
+ * values), and at least 4x how far v_k moved since the last update. */
+static int64_t next_half_width(double in, double width, double target, uint64_t moved, uint64_t max_key) {
+    double d = in > 0 ? target * width / (2.0 * in) : (double)max_key;
+    if (d < 4.0 * (double)moved) d = 4.0 * (double)moved;
+    if (d < 1.0) d = 1.0;
+    return d >= (double)max_key ? (int64_t)max_key : (int64_t)d;
+}
+
+/* The bracket pass. Returns 0 and fills kept and *kth when v_k lies in [lo, hi]; 1 when it does
+ * not (the caller runs the two passes); 2 for a layer holding inf/NaN; -1 out of memory. */
+static int spatial_bracket(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
+                           const int64_t *wstrides, int64_t k, int parts, uint64_t lo, uint64_t hi,
+                           uint64_t bad_key, int64_t *kept, uint64_t *kth, int64_t *in_bracket) {
+    const int64_t rows = o * c, numel = rows * taps;
+    br_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.w = w, ctx.c = c, ctx.taps = taps, ctx.lo = lo, ctx.span = hi - lo;
+    for (int i = 0; i < 3; i++) ctx.ws[i] = wstrides[i];
+    uint64_t *all = NULL;
+    int64_t *all_tap = NULL;
+    int status = -1;
+    ctx.above = calloc((size_t)(parts * taps), sizeof(int64_t));
+    if (!ctx.above) goto done;
+    const int64_t *ws = wstrides;
+    const int flat = !is_double && taps <= BR_LANES_MAX / BR_BLOCK_ROWS && (taps == 1 || ws[2] == 1) &&
+                     ws[1] == taps && ws[0] == c * taps;
+    parallel_for(rows, parts, flat ? sp_bracket_flat_f32 : (is_double ? sp_bracket_f64 : sp_bracket_f32), &ctx);
+    int64_t in = 0, above = 0;
+    for (int i = 0; i < parts; i++) {
+        if (ctx.oom[i]) goto done;
+        if (ctx.worst[i] >= bad_key) {
+            status = 2;
+            goto done;
+        }
+        in += ctx.met[i];
+    }
+    for (int64_t t = 0; t < taps; t++) {
+        kept[t] = 0;
+        for (int i = 0; i < parts; i++) kept[t] += ctx.above[i * taps + t];
+        above += kept[t];
+    }
+    const int64_t below = numel - above - in; /* keys under lo */
+    status = 1;
+    if (!(below < k && k <= below + in)) goto done;
+    status = -1;
+    all = malloc(sizeof(uint64_t) * (size_t)(in > 0 ? in : 1));
+    all_tap = malloc(sizeof(int64_t) * (size_t)(in > 0 ? in : 1));
+    if (!all || !all_tap) goto done;
+    for (int64_t i = 0, at = 0; i < parts; at += ctx.met[i++]) {
+        for (int64_t j = 0; j < ctx.met[i]; j++) all[at + j] = ctx.keys[i][j] - lo, all_tap[at + j] = ctx.key_tap[i][j];
+    }
+    int low_bits = 0;
+    while (low_bits < 64 && (hi - lo) >> low_bits) low_bits++;
+    /* select_kth reorders its keys: count on a copy's result against the originals */
+    uint64_t *scratch = malloc(sizeof(uint64_t) * (size_t)(in > 0 ? in : 1));
+    if (!scratch) goto done;
+    memcpy(scratch, all, sizeof(uint64_t) * (size_t)in);
+    const uint64_t rel = select_kth(scratch, in, k - below, low_bits);
+    free(scratch);
+    for (int64_t i = 0; i < in; i++) kept[all_tap[i]] += all[i] > rel;
+    *kth = lo + rel;
+    *in_bracket = in;
+    status = 0;
+done:
+    for (int i = 0; i < parts; i++) {
+        free(ctx.keys[i]);
+        free(ctx.key_tap[i]);
+    }
+    free(ctx.above);
+    free(all);
+    free(all_tap);
+    return status;
+}
+
 /* kept: [taps] int64; k in [1, o*c*taps]. Returns 0; 1 when the layer holds inf/NaN (not
  * handled here); -1 when out of memory or on arguments out of range.
- * hint (NULL: none): int64[3], in: {bucket, keys it held} of an earlier call on this layer (-1,
- * 0: none); out: {this call's bucket, its keys, 1 if pass 2 was skipped}. Pass 1 keeps the keys
- * of the hinted bucket; when v_k is still in it (a weight that moved a little since), they are
- * the keys pass 2 would collect. The hint decides only whether pass 2 runs: any value gives the
- * same counts. */
+ * hint (NULL: none): int64[3], in: {the key of v_k at an earlier call on this layer, a half-width
+ * d} ({-1, 0}: none); out: {this call's key of v_k, the next d, 1 if the bracket pass sufficed}.
+ * With a hint, one pass counts above [key - d, key + d] and collects the keys in it; when v_k is
+ * still among them (a weight that moved a little since), they give the counts, else the two
+ * passes run. The hint decides only how the counts are found: any value gives the same counts. */
 static int spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int64_t taps,
                         const int64_t *wstrides, int64_t k, int threads, int64_t *kept, int64_t *hint) {
     if (!w || !kept || bad_layout(o, c, taps, wstrides) || o == 0 || taps == 0) return -1;
@@ -370,30 +548,46 @@ static int spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int6
     if (k < 1 || k > o * c * taps) return -1;
     const int64_t rows = o * c, key_bits = is_double ? 63 : 31;
     const uint64_t inf_key = is_double ? 0x7ff0000000000000ULL : 0x7f800000ULL;
+    const uint64_t max_key = is_double ? 0x7fffffffffffffffULL : 0x7fffffffULL;
     int parts = clamp_threads(threads);
     if (rows * taps < SERIAL_BELOW) parts = 1;
     if (parts > rows) parts = rows > 0 ? (int)rows : 1;
     const int bits = bucket_bits(rows * taps, taps);
     sp_ctx ctx = {w, c, taps, {wstrides[0], wstrides[1], wstrides[2]}, (int)(key_bits - bits),
-                  (int64_t)1 << bits, NULL, 0, NULL, NULL, NULL, -1, 0, NULL};
+                  (int64_t)1 << bits, NULL, 0, NULL, NULL, NULL};
+    /* keys in the bucket of inf or above: left to torch, by either path */
+    const uint64_t bad_key = (inf_key >> ctx.shift) << ctx.shift;
+    const double target = bracket_target(rows * taps);
+    int64_t before_kth = -1, before_d = 0;
+    if (hint) {
+        before_kth = hint[0], before_d = hint[1];
+        hint[0] = -1, hint[1] = 0, hint[2] = 0;
+        if (before_kth >= 0 && (uint64_t)before_kth <= max_key && before_d >= 0) {
+            const uint64_t key = (uint64_t)before_kth, d = (uint64_t)before_d;
+            const uint64_t lo = key > d ? key - d : 0, hi = max_key - key > d ? key + d : max_key;
+            uint64_t kth = 0;
+            int64_t in = 0;
+            int found = spatial_bracket(w, is_double, o, c, taps, wstrides, k, parts, lo, hi, bad_key,
+                                        kept, &kth, &in);
+            if (found == 0) {
+                const uint64_t moved = kth > key ? kth - key : key - kth;
+                hint[0] = (int64_t)kth;
+                hint[1] = next_half_width((double)in, (double)(hi - lo) + 1.0, target, moved, max_key);
+                hint[2] = 1;
+                return 0;
+            }
+            if (found != 1) return found == 2 ? 1 : -1;
+        } else {
+            before_kth = -1;
+        }
+    }
     const int64_t buckets = ctx.buckets, per_part = taps * buckets;
-    int64_t offset[MAX_THREADS], guessed[MAX_THREADS] = {0};
+    int64_t offset[MAX_THREADS];
     uint64_t *scratch = NULL;
     int status = -1;
     int64_t *total = calloc((size_t)buckets, sizeof(int64_t));
     ctx.hist = calloc((size_t)(parts * per_part), sizeof(uint32_t));
     if (!total || !ctx.hist) goto done;
-    if (hint) {
-        const int64_t guess = hint[0], before_keys = hint[1];
-        hint[0] = -1, hint[1] = 0, hint[2] = 0;
-        if (guess >= 0 && guess < buckets && before_keys > 0 && before_keys <= rows * taps) {
-            /* room for the keys it held last time and a margin, per part */
-            const int64_t room = (before_keys + before_keys / 4 + 64) / parts + 64;
-            ctx.keys = malloc(sizeof(uint64_t) * (size_t)(room * parts));
-            ctx.key_tap = malloc(sizeof(int64_t) * (size_t)(room * parts));
-            if (ctx.keys && ctx.key_tap) ctx.guess = guess, ctx.room = room, ctx.guessed = guessed;
-        }
-    }
     parallel_for(rows, parts, is_double ? sp_hist_f64 : sp_hist_f32, &ctx);
 
     for (int i = 0; i < parts; i++) {
@@ -424,28 +618,23 @@ static int spatial_kept(const void *w, int is_double, int64_t o, int64_t c, int6
         offset[i] = in_bucket;
         for (int64_t t = 0; t < taps; t++) in_bucket += ctx.hist[i * per_part + t * buckets + b];
     }
-    int reuse = ctx.guess == b;
-    for (int i = 0; i < parts && reuse; i++) reuse = guessed[i] <= ctx.room;
-    if (reuse) { /* the keys pass 1 kept, packed part after part: pass 2's order */
-        for (int i = 0; i < parts; i++) {
-            memmove(ctx.keys + offset[i], ctx.keys + i * ctx.room, sizeof(uint64_t) * (size_t)guessed[i]);
-            memmove(ctx.key_tap + offset[i], ctx.key_tap + i * ctx.room, sizeof(int64_t) * (size_t)guessed[i]);
-        }
-    } else {
-        free(ctx.keys);
-        free(ctx.key_tap);
-        ctx.keys = malloc(sizeof(uint64_t) * (size_t)in_bucket);
-        ctx.key_tap = malloc(sizeof(int64_t) * (size_t)in_bucket);
-    }
     ctx.offset = offset;
+    ctx.keys = malloc(sizeof(uint64_t) * (size_t)in_bucket);
+    ctx.key_tap = malloc(sizeof(int64_t) * (size_t)in_bucket);
     scratch = malloc(sizeof(uint64_t) * (size_t)in_bucket);
     if (in_bucket < 1 || k - before > in_bucket || !ctx.keys || !ctx.key_tap || !scratch) goto done;
-    if (!reuse) parallel_for(rows, parts, is_double ? sp_collect_f64 : sp_collect_f32, &ctx);
+    parallel_for(rows, parts, is_double ? sp_collect_f64 : sp_collect_f32, &ctx);
 
     memcpy(scratch, ctx.keys, sizeof(uint64_t) * (size_t)in_bucket);
     const uint64_t kth = select_kth(scratch, in_bucket, k - before, ctx.shift);
     for (int64_t i = 0; i < in_bucket; i++) kept[ctx.key_tap[i]] += ctx.keys[i] > kth;
-    if (hint) hint[0] = b, hint[1] = in_bucket, hint[2] = reuse;
+    if (hint) {
+        const uint64_t moved = before_kth < 0 ? 0 : (kth > (uint64_t)before_kth ? kth - (uint64_t)before_kth
+                                                                                : (uint64_t)before_kth - kth);
+        int64_t d = next_half_width((double)in_bucket, (double)((uint64_t)1 << ctx.shift), target, moved, max_key);
+        if (before_kth >= 0 && d < 2 * before_d && before_d <= (int64_t)(max_key / 2)) d = 2 * before_d;
+        hint[0] = (int64_t)kth, hint[1] = d, hint[2] = 0;
+    }
     status = 0;
 done:
     free(total);

@@ -208,8 +208,9 @@ def spatial_kept(weight: Tensor, k: int, hint: Tensor | None = None) -> Tensor |
     the per-tap kept counts of `masks.magnitude_mask`. None when not handled here.
 
     `hint` (from `spatial_hint`, kept by the caller per layer) remembers where the k-th |w| was
-    last time: while it stays there (a weight moved by one optimizer step), one pass over the
-    weight instead of two. It changes only the speed: the counts are the same for any hint.
+    last time and how far it may move: while it stays within that (a weight moved by one
+    optimizer step), one pass over the weight instead of two. It changes only the speed: the
+    counts are the same for any hint.
     """
     lib = _ready(weight)
     if lib is None or not _conv_weight(weight) or weight.dim() < 3 or not 1 <= k <= weight.numel():

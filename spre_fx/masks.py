@@ -175,7 +175,7 @@ def spatial_sparsity(mask: Tensor) -> Tensor:
 
 def spatial_hint() -> Tensor:
     """Where a layer's k-th |w| was at its last `spatial_mask` (a small tensor the caller keeps,
-    one per layer): while it has not moved, the C kernel reads the weight once instead of twice."""
+    one per layer): while it stays near, the C kernel reads the weight once instead of twice."""
     return _native.spatial_hint()
 
 

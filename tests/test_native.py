@@ -129,16 +129,16 @@ def test_spatial_kernel_counts_what_magnitude_pruning_keeps(o, c, kernel, dtype,
     rate=st.floats(0.01, 0.99),
     layout=st.sampled_from(["contiguous", "channels_last", "slice"]),
     step=st.sampled_from([0.0, 1e-4, 1e-2, 1.0]),
-    garbage=st.one_of(st.none(),
-                      st.tuples(st.integers(-3, 5000), st.integers(-3, 10**7), st.integers(-1, 2))),
+    garbage=st.one_of(st.none(),  # the key of v_k, a half-width (up to all keys), a flag
+                      st.tuples(st.integers(-3, 2**63 - 1), st.integers(-3, 2**63 - 1), st.integers(-1, 2))),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_a_spatial_hint_changes_no_count(o, c, kernel, dtype, ties, rate, layout, step, garbage, threads,
                                          seed):
-    """The hint kept per layer (where the k-th |w| was at its last update) only decides whether the
-    kernel reads the weight a second time: after a step of any size, or holding any value, the
-    counts are magnitude pruning's. The same weight twice reuses the first pass's keys."""
+    """The hint kept per layer (the key of the k-th |w| at its last update and a half-width) only
+    decides how the counts are found: after a step of any size, or holding any value, they are
+    magnitude pruning's. The same weight twice is counted by the one-pass bracket."""
     w = relayout(rand_weight((o, c, *kernel), dtype, seed, ties), layout)
     k = int(round(rate * w.numel()))
     assume(0 < k < w.numel())
@@ -148,7 +148,7 @@ def test_a_spatial_hint_changes_no_count(o, c, kernel, dtype, ties, rate, layout
         hint = spatial_hint()
         first = _native.spatial_kept(w, k, hint)
         assert torch.equal(first, magnitude_mask(w, rate).sum(dim=(0, 1)))
-        assert hint[0] >= 0 and hint[1] >= 1 and hint[2] == 0  # nothing to reuse the first time
+        assert hint[0] >= 0 and hint[1] >= 1 and hint[2] == 0  # no bracket the first time
         again = _native.spatial_kept(w, k, hint)
         assert torch.equal(again, first) and hint[2] == 1
         if garbage is not None:
@@ -229,7 +229,7 @@ def test_kernels_split_across_threads_like_one(threads, shape):
         k = w.numel() // 2
         expect_kept = magnitude_mask(w, k / w.numel()).sum(dim=(0, 1))
         assert torch.equal(_native.spatial_kept(w, k), expect_kept)
-        hint = spatial_hint()  # parts keep their share of the hinted bucket apart, then pack it
+        hint = spatial_hint()  # parts collect their share of the bracket apart
         assert torch.equal(_native.spatial_kept(w, k, hint), expect_kept) and hint[2] == 0
         assert torch.equal(_native.spatial_kept(w, k, hint), expect_kept) and hint[2] == 1
         moved = w + 1e-3 * rand_weight(shape, torch.float32, seed=1, ties=False)
@@ -240,13 +240,66 @@ def test_kernels_split_across_threads_like_one(threads, shape):
 
 
 @needs_native
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_spatial_kernel_leaves_non_finite_layers_to_torch(bad):
-    """inf/NaN: the kernel declines (None) and spatial_mask still equals its definition."""
-    w = torch.randn(8, 8, 3, 3)
-    w[2, 3, 1, 1] = bad
+def test_spatial_kernel_leaves_non_finite_layers_to_torch(bad, dtype, layout):
+    """inf/NaN: the kernel declines (None), with a hint too (the one-pass bracket checks it as
+    the two passes do), and spatial_mask still equals its definition."""
+    w = relayout(torch.randn(40, 8, 3, 3, dtype=dtype), layout)
+    hint = spatial_hint()
+    assert _native.spatial_kept(w, 100, hint) is not None and hint[0] >= 0
+    w[21, 3, 1, 1] = bad
     assert _native.spatial_kept(w, 100) is None
+    assert _native.spatial_kept(w, 100, hint) is None
     assert torch.equal(spatial_mask(w, 0.5), spatial_sparsity(magnitude_mask(w, 0.5)) < 0.5)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_spatial_bracket_grows_for_many_ties(threads, layout):
+    """Thousands of |w| equal to the k-th one: the bracket collects them all (its buffers grow
+    past their first 1024 keys, in each thread's part) and the counts stay pruning's."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = rand_weight((96, 128, 3, 3), torch.float32, seed=threads, ties=False)
+        tie = w.abs().median()
+        every7 = w.view(-1)[::7]
+        every7.copy_(tie * torch.where(torch.arange(every7.numel()) % 2 == 0, -1.0, 1.0))
+        w = relayout(w, layout)
+        k = w.numel() // 2
+        expect = magnitude_mask(w, k / w.numel()).sum(dim=(0, 1))
+        hint = spatial_hint()
+        assert torch.equal(_native.spatial_kept(w, k, hint), expect) and hint[2] == 0
+        assert torch.equal(_native.spatial_kept(w, k, hint), expect) and hint[2] == 1
+        assert int(hint[0]) == int(tie.view(torch.int32))  # v_k is the tie: all of them collected
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_spatial_bracket_edges_hold_weights(dtype, layout):
+    """Hints whose bracket ends exactly on a weight's key (above v_k, below it, at v_k itself):
+    a key on an edge is in the bracket, not above or below it, and the counts are pruning's."""
+    w = relayout(rand_weight((48, 16, 3, 3), dtype, seed=5, ties=False), layout)
+    k = w.numel() // 2
+    expect = magnitude_mask(w, k / w.numel()).sum(dim=(0, 1))
+    ints = torch.int64 if dtype == torch.float64 else torch.int32
+    keys = torch.sort(w.abs().reshape(-1)).values.view(ints).to(torch.int64)
+    kth = int(keys[k - 1])
+    hits = 0
+    for j in (k - 40, k - 3, k - 2, k, k + 1, k + 2, k + 39):
+        other = int(keys[j])
+        d = abs(other - kth)
+        for centre in (kth, other):  # an edge on `other`, or v_k on an edge
+            hint = torch.tensor([centre, d, 0], dtype=torch.int64)
+            assert torch.equal(_native.spatial_kept(w, k, hint), expect), (j, centre, d)
+            hits += int(hint[2])
+    assert hits >= 10  # most of these brackets hold v_k: the one pass counted them
 
 
 @needs_native
