@@ -11,6 +11,15 @@ source against the shipped one, interleaved (e.g. the kernels before a change):
 
     git show d25e6cf:spre_fx/_native.c > /tmp/native_before.c
     python benchmarks/masks.py --model resnet18 --baseline-source /tmp/native_before.c
+
+`--in-step` times the masks where a training run computes them instead: the SGD step of a
+prepared model (default batch 16 at 96 px), whose `MaskScheduler` hook updates every mask right after
+the optimizer wrote the weights, so they are read from memory, not cache (calls on the same
+weights over and over, above, are up to 2x faster than this). Interleaved against the same step
+with the spatial masks held (their cost in the step) and, with `--baseline-source`, against the
+other kernels (each model keeps its own hints):
+
+    python benchmarks/masks.py --model resnet18 --in-step --baseline-source /tmp/native_before.c
 """
 
 from __future__ import annotations
@@ -55,14 +64,56 @@ def interleaved_ms(a, b, repeats: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
+def in_step(model_name: str, repeats: int, baseline_source: str | None, batch: int, size: int) -> None:
+    """Optimizer step + mask update of prepared SpRe models, interleaved (see the module doc)."""
+    import spre_fx
+
+    torch.manual_seed(0)
+    dense = getattr(torchvision.models, model_name)(num_classes=100)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
+    baseline = _native.build(baseline_source) if baseline_source else None
+    variants = {"shipped kernels": (_native.library(), 1), "spatial masks held": (_native.library(), 10**9)}
+    if baseline is not None:
+        variants[f"kernels of {baseline_source}"] = (baseline, 1)
+    runs = {}
+    for name, (lib, spatial_interval) in variants.items():
+        model = spre_fx.prepare(dense)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        spre_fx.MaskScheduler(model, opt, spatial_interval=spatial_interval)
+        runs[name] = (lib, model, opt)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(repeats + 3):  # the first 3 rounds warm up
+        for name, (lib, model, opt) in runs.items():
+            with _native.using(lib):
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                t = time.perf_counter()
+                opt.step()
+                if r >= 3:
+                    times[name].append((time.perf_counter() - t) * 1e3)
+    first = times["shipped kernels"]
+    print(f"{model_name} (SpRe), batch {batch} at {size}px, optimizer step with the mask update, median of "
+          f"{repeats} interleaved rounds")
+    for name, ts in times.items():
+        ratio = statistics.median(a / b for a, b in zip(first, ts))
+        print(f"{name:30s} {statistics.median(ts):7.2f} ms   shipped / this {ratio:.3f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline-source", help="another version of spre_fx/_native.c to compare against")
+    ap.add_argument("--batch", type=int, default=16, help="--in-step: batch size")
+    ap.add_argument("--size", type=int, default=96, help="--in-step: input size")
+    ap.add_argument("--in-step", action="store_true",
+                    help="time the masks inside SGD steps of a prepared model instead (see above)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.in_step:
+        in_step(args.model, args.repeats, args.baseline_source, args.batch, args.size)
+        return
     model = getattr(torchvision.models, args.model)()
     convs = [m.weight.detach() for m in model.modules()
              if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.in_channels % 4 == 0]

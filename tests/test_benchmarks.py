@@ -28,6 +28,8 @@ pytest.importorskip("torchvision", reason="the benchmarks build torchvision mode
 SMOKE = [
     ("masks.py --model resnet18 --repeats 1", "spatial_mask, 16 k×k convs"),
     ("masks.py --model resnet18 --repeats 1 --baseline-source spre_fx/_native.c", "spre_fx/_native.c"),
+    ("masks.py --model resnet18 --repeats 1 --in-step --batch 2 --size 32 "
+     "--baseline-source spre_fx/_native.c", "spatial masks held"),
     ("fused_branches.py --batch 2 --rounds 1", "stacked conv, one BN"),
     ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1", "spre / naive-spre:"),
     ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --no-naive --interval 1000 --profile",
