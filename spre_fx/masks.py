@@ -215,12 +215,17 @@ class _SRSTE(torch.autograd.Function):
         return grad, None, None
 
 
-def pruned_indicator(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """P = 1 − M in `dtype` (no gradient), from a bool or 0/1 float mask."""
-    if mask.dtype == torch.bool:  # read as uint8: several times faster than bool ops on CPU
+def pruned_indicator(mask: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """P = 1 − M in `dtype` (no gradient), from a bool or 0/1 float mask; into `out` (a tensor of
+    the mask's shape and `dtype`) when given."""
+    if out is None:
         out = torch.empty(mask.shape, dtype=dtype, device=mask.device)
+    elif out.shape != mask.shape or out.dtype != dtype:
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(mask.shape)}, found {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if mask.dtype == torch.bool:  # read as uint8: several times faster than bool ops on CPU
         return torch.eq(mask.view(torch.uint8), 0, out=out)
-    return (1 - mask.detach()).to(dtype)
+    return out.copy_(1 - mask.detach())
 
 
 def srste(weight: Tensor, mask: Tensor, decay: float = 2e-4) -> Tensor:

@@ -280,15 +280,55 @@ def test_spre_adopt_shares_user_parameters(nml, dtype, affine, seed):
 @pytest.mark.skipif(_native.library() is None, reason=f"no C mask kernels here: {_native.backend()}")
 def test_spre_conv_passes_its_spatial_hint_from_adopt_on():
     """The layer hands the spatial kernel its own hint, first at adopt: an update of S on weights
-    that have not moved reuses the histogram pass (one read of the weight, not two), and S is
-    the pure function's."""
+    that have not moved is counted by the one-pass bracket (one read of the weight, not two),
+    and S is the pure function's."""
     torch.manual_seed(0)
     conv = SpReConv2d.adopt(nn.Conv2d(32, 16, 3, bias=False), 2, 4, 0.0)
     hint = conv.spre_fx.caches["spatial_hint"]
-    assert hint[0] >= 0 and hint[2] == 0  # adopt's S: nothing to reuse yet
+    assert hint[0] >= 0 and hint[2] == 0  # adopt's S: no bracket yet
     conv.update_masks(("spatial_mask",))
     assert conv.spre_fx.caches["spatial_hint"] is hint and hint[2] == 1
     assert torch.equal(conv.spatial_mask, spatial_mask(conv.weight, 0.5))
+
+
+def _float_masks(conv: SpReConv2d) -> dict[str, torch.Tensor]:
+    return {name: conv.spre_fx.caches[name][2] for name in ("pruned", "rep_mask")}
+
+
+def test_float_masks_are_rewritten_in_place_unless_a_graph_saved_them():
+    """When the masks move, P = 1 − M and M ⊙ S are written into the tensors they replace (no
+    fresh layer-sized memory per step), except while a live autograd graph saved them: that
+    graph's backward still sees the masks of its forward, and gives their gradient."""
+    torch.manual_seed(0)
+    conv = SpReConv2d.adopt(nn.Conv2d(8, 8, 3, padding=1, bias=False), 2, 4, 2e-4)
+    conv.freeze_masks()  # only the writes below move them
+    x = torch.randn(2, 8, 6, 6)
+
+    def move_masks():
+        with torch.no_grad():
+            conv.nm_mask.copy_(nm_mask(torch.randn_like(conv.weight), 2, 4))
+            conv.spatial_mask.copy_(~conv.spatial_mask)
+
+    with torch.no_grad():
+        conv(x)
+    first = _float_masks(conv)
+    move_masks()
+    out = conv(x)  # no graph holds the old float masks: reused, holding the new masks
+    again = _float_masks(conv)
+    assert all(again[k] is first[k] for k in first)
+    assert torch.equal(again["pruned"], (~conv.nm_mask).float())
+    assert torch.equal(again["rep_mask"], (conv.nm_mask & conv.spatial_mask).float())
+    then = {k: v.clone() for k, v in again.items()}
+
+    move_masks()  # `out`'s graph saved the float masks: new tensors this time
+    conv(x)
+    moved = _float_masks(conv)
+    assert all(moved[k] is not again[k] for k in again)
+    assert all(torch.equal(again[k], then[k]) for k in again)
+    out.rep.sum().backward()
+    w_rep = conv.weight_rep.detach().clone().requires_grad_()
+    F.conv2d(x, w_rep * then["rep_mask"], padding=1).sum().backward()
+    torch.testing.assert_close(conv.weight_rep.grad, w_rep.grad)
 
 
 @pytest.mark.parametrize("cin,cout,kernel", [(64, 128, (3, 3)), (32, 96, (3, 5)), (48, 64, (5, 1))])

@@ -254,20 +254,25 @@ class NMLayer:
             self.update_masks(tuple(lacking))
 
     def cached(self, name: str, sources: tuple[Tensor, ...], make) -> Tensor:
-        """`make()` (a float tensor derived from the bool mask buffers), cached until a source
+        """`make(out)` (a float tensor derived from the bool mask buffers), cached until a source
         buffer is written, replaced or moved, or the weight's dtype changes.
 
         Masks move at most once per optimizer step while the weight is read at every forward;
-        float masks also multiply an order of magnitude faster than bool ones on CPU. Under
-        torch.compile the graph computes (and fuses) the cast itself.
+        float masks also multiply an order of magnitude faster than bool ones on CPU. When they
+        move, the new one is written into the old tensor (`out`; None: a new one) unless a live
+        autograd graph still saved it: a layer-sized tensor on fresh memory costs more than its
+        fill. Under torch.compile the graph computes (and fuses) the cast itself.
         """
         if torch.compiler.is_compiling():
-            return make()
+            return make(None)
         key = (self.weight.dtype, self.weight.device, *(t._version for t in sources))
         caches = self.spre_fx.caches
         entry = caches.get(name)
         if entry is None or entry[1] != key or any(a is not b for a, b in zip(entry[0], sources)):
-            entry = (sources, key, make())
+            old = entry[2] if entry is not None else None
+            reusable = (old is not None and old.dtype == self.weight.dtype and old.device == sources[0].device
+                        and old.shape == sources[0].shape and _only_cached(old))
+            entry = (sources, key, make(old if reusable else None))
             caches[name] = entry
         return entry[2]
 
@@ -275,12 +280,18 @@ class NMLayer:
         """The weight this layer computes with: N:M-masked, with SR-STE's gradient."""
         self.sync_masks()
         pruned = self.cached("pruned", (self.nm_mask,),
-                             lambda: pruned_indicator(self.nm_mask, self.weight.dtype))
+                             lambda out: pruned_indicator(self.nm_mask, self.weight.dtype, out=out))
         return srste_pruned(self.weight, pruned, self.spre_fx.decay)
 
     def extra_repr(self) -> str:
         n, m = self.spre_fx.nm
         return f"{super().extra_repr()}, nm={n}:{m}"
+
+
+def _only_cached(t: Tensor) -> bool:
+    """Whether nothing but its Python object holds `t` (no autograd graph saved it for backward)."""
+    use_count = getattr(t, "_use_count", None)  # torch's count of owners of the tensor
+    return use_count is not None and use_count() == 1
 
 
 def effective_weight(module: nn.Module, masks: dict[str, Tensor] | None = None) -> Tensor:
