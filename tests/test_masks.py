@@ -20,6 +20,7 @@ from spre_fx.masks import (
     magnitude_mask,
     nm_mask,
     nm_violations,
+    pruned_indicator,
     spatial_mask,
     spatial_sparsity,
     srste,
@@ -463,3 +464,17 @@ def test_kth_smallest_matches_kthvalue(numel, dtype, levels, data):
         a = (a * levels).round()
     k = data.draw(st.integers(1, numel))
     assert _kth_smallest(a, k) == a.kthvalue(k).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pruned_indicator_writes_into_out(dtype):
+    """P = 1 − M into a given tensor (what a layer's cache reuses), from bool and float masks;
+    an `out` of another shape or dtype is refused."""
+    mask = torch.rand(6, 8, 3, 3) > 0.5
+    out = torch.full(mask.shape, 7.0, dtype=dtype)
+    assert pruned_indicator(mask, dtype, out=out) is out
+    assert torch.equal(out, (~mask).to(dtype))
+    assert torch.equal(pruned_indicator(mask.double(), dtype, out=out), (~mask).to(dtype))
+    for bad in (torch.empty(6, 8, 3, dtype=dtype), torch.empty(mask.shape, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="out must be"):
+            pruned_indicator(mask, dtype, out=bad)
