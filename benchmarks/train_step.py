@@ -2,11 +2,11 @@
 
 One training step = forward, backward, optimizer step (SGD), mask scheduling. Variants run
 interleaved in one process (dense, nm, spre, naive, dense, ...), and each figure is the median
-of per-round ratios against the dense step of the same round. The training-FLOP ratio of the
-prepared model over the dense one (forward, weight and input gradients of every conv and
-linear) is printed beside the measurement: `FLOP ratio` with both SpRe branches as full convs,
-`tap FLOP ratio` with the extra branch counting only the taps its spatial mask keeps (what
-spre_fx.layers.tapconv computes; the naive build runs the full conv).
+of per-round ratios against the dense step of the same round, beside their quartiles. The
+training-FLOP ratio of the prepared model over the dense one (forward, weight and input
+gradients of every conv and linear) is printed beside the measurement: `FLOP ratio` with both
+SpRe branches as full convs, `tap FLOP ratio` with the extra branch counting only the taps its
+spatial mask keeps (what spre_fx.layers.tapconv computes; the naive build runs the full conv).
 
     python benchmarks/train_step.py --model resnet18 --batch 16 --size 96
     python benchmarks/train_step.py --model resnet50 --batch 8 --size 96
@@ -135,6 +135,15 @@ def profile_steps(steps: dict, n: int = 5, top: int = 6) -> None:
         print(f"{k}: self ms/step over dense: " + ", ".join(f"{op} +{d:.1f}" for d, op in grown))
 
 
+def quartiles(values: list[float]) -> str:
+    """The first and third quartiles of per-round ratios: how far one round strays on this machine
+    (an effect inside them is not resolved by the run)."""
+    if len(values) < 2:
+        return "-"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:.3f}-{q3:.3f}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18")
@@ -207,19 +216,21 @@ def main(argv=None) -> None:
             times[k].append(step())
     print(f"{args.model}, batch {args.batch} at {args.size}px, {args.threads} threads, {args.rounds} "
           f"interleaved rounds, masks move every {args.interval} step(s), torch {torch.__version__}")
-    print(f"{'variant':12s} {'median step':>12s} {'ratio vs dense':>15s} {'FLOP ratio':>11s} "
-          f"{'tap FLOP ratio':>15s}")
+    print(f"{'variant':12s} {'median step':>12s} {'ratio vs dense':>15s} {'quartiles':>13s} "
+          f"{'FLOP ratio':>11s} {'tap FLOP ratio':>15s}")
     for k in steps:
         ratios = [t / d for t, d in zip(times[k], times["dense"])]
         print(f"{k:12s} {statistics.median(times[k]) * 1e3:10.1f}ms {statistics.median(ratios):15.3f} "
-              f"{flops[k] / flops['dense']:11.3f} {tap_flops.get(k, flops[k]) / flops['dense']:15.3f}")
+              f"{quartiles(ratios):>13s} {flops[k] / flops['dense']:11.3f} "
+              f"{tap_flops.get(k, flops[k]) / flops['dense']:15.3f}")
     if "naive-spre" in times:
         r = [a / b for a, b in zip(times["spre"], times["naive-spre"])]
         print(f"spre / naive-spre: {statistics.median(r):.3f} (goal: clearly below 1)")
     for k in ("nm", "spre"):
         if f"{k}-baseline" in times:
             r = [a / b for a, b in zip(times[k], times[f"{k}-baseline"])]
-            print(f"{k} / {k}-baseline (kernels of {args.baseline_native}): {statistics.median(r):.3f}")
+            print(f"{k} / {k}-baseline (kernels of {args.baseline_native}): {statistics.median(r):.3f} "
+                  f"(quartiles {quartiles(r)})")
     if args.profile:
         profile_steps(steps)
     n_spre = sum(isinstance(m, SpReConv2d) for m in variants["spre"][0].modules())
