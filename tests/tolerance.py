@@ -52,8 +52,9 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch
     over = err > bound
     if over.any():
         i = int((err - bound).flatten().argmax())
+        head = f"{what}: " if what else ""
         raise AssertionError(
-            f"{what + ': ' if what else ''}{int(over.sum())} of {err.numel()} elements beyond the rounding bound: worst "
+            f"{head}{int(over.sum())} of {err.numel()} elements beyond the rounding bound: worst "
             f"|error| {err.flatten()[i]:.3g} against {bound.flatten()[i]:.3g} = "
             f"{sum_bound(dtype, terms, ops):.3g} × magnitude {magnitude.flatten()[i]:.3g} "
             f"({dtype}, {terms} terms per sum)")
