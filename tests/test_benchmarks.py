@@ -7,6 +7,7 @@ documented commands from rotting as the library changes.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -68,7 +69,7 @@ def test_gpu_check_dry_run_runs_every_part_and_skips_each_cuda_step_with_its_rea
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = result["parts"]
     assert result["dry_run"]
-    assert list(parts) == ["env", "pytest", "numerics", "advisor", "layers", "e2e", "train"]
+    assert list(parts) == ["env", "pytest", "numerics", "advisor", "layers", "linear", "e2e", "train"]
     assert {k: p["status"] for k, p in parts.items()} == dict.fromkeys(parts, "ok"), parts
     assert result["mmdet_or_timm_imported"] == []
     # the gpu tests are collected, and skip without CUDA
@@ -93,15 +94,28 @@ def test_gpu_check_dry_run_runs_every_part_and_skips_each_cuda_step_with_its_rea
     assert advised and all(r["ran"]["dense-weight"]["ok"] for r in advised)
     (e2e,) = parts["e2e"]["runs"]
     assert e2e["dense_ms"] > 0 and e2e["im2col_dense_ms"] > 0
+    assert [r["batch"] for r in parts["e2e"]["latency"]] == [1] and parts["e2e"]["latency"][0]["dense_ms"] > 0
+    # the Linear-heavy model: each distinct Linear timed dense, and the whole stack
+    (linear,) = parts["linear"]["runs"]
+    assert parts["linear"]["nm_linears"] == 2 and len(linear["rows"]) == 2 and linear["dense_ms"] > 0
+    assert all(r["dense_ms"] > 0 and r["gemm_dense_ms"] > 0 for r in linear["rows"])
     train = parts["train"]
-    assert set(train["ratio"]) == {"dense", "nm", "spre", "nm-held", "spre-held"}
+    fp16 = {"fp16+scaler/dense", "fp16+scaler/nm", "fp16+scaler/spre"}
+    assert set(train["ratio"]) == {"dense", "nm", "spre", "nm-held", "spre-held"} | fp16
+    assert train["ratio"]["fp16+scaler/dense"] == 1.0 and set(train["mask_share"]) == {"nm", "spre"}
     assert train["flop_ratio"]["nm"] == 1.0 and train["flop_ratio"]["spre"] > 1.0
     assert train["mask_update_ms"]["spre"]["spre_layers"] > 0 and train["mask_update_ms"]["nm"]["all"] > 0
     assert set(train["profile"]) == {"dense", "nm", "spre"}
     for name in ("gpu_check.md", "pytest_gpu.log", "profile_train.txt"):
         assert (tmp_path / name).stat().st_size > 0, name
+    # CPU timings judge no goal: none is "met" (or missed), each row says it was not judged
+    assert len(train["goals"]) == 4 and all(v is None for v in train["goals"].values())
+    summary = done.stdout.rstrip().splitlines()
+    rows = ("| train N:M", "| train SpRe", "| mask update share")
+    timed = [line for line in summary if line.startswith(rows)]
+    assert len(timed) == 6 and all(line.endswith("| not judged (CPU dry run) |") for line in timed), timed
     # the summary table prints last
-    assert done.stdout.rstrip().splitlines()[-1].startswith("| train SpRe step / dense")
+    assert summary[-1].startswith("| mask update share of a spre step")
 
 
 def test_gpu_check_deadline_skips_parts_with_the_reason_and_still_writes(tmp_path):
@@ -125,9 +139,14 @@ def _load_gpu_check(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up
+    monkeypatch.setitem(sys.modules, "gpu_check", module)
     spec.loader.exec_module(module)
     return module
+
+
+def _part(name: str):
+    """A module of benchmarks/gpu_parts/ (after _load_gpu_check put benchmarks/ on the path)."""
+    return importlib.import_module(f"gpu_parts.{name}")
 
 
 def _nm_(layer: nn.Module) -> nn.Module:
@@ -141,31 +160,40 @@ def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path
     the selective model, every table of a GPU run) run here with torch's packing call replaced
     by the identity, as tests/test_deploy.py does: a Python error there would cost the call."""
     gc = _load_gpu_check(monkeypatch)
+    common, layers, e2e, report = (_part(n) for n in ("common", "layers", "e2e", "report"))
     monkeypatch.setattr(backend, "_sparse_from_dense", lambda cls, weight: weight)
-    ctx = gc.Context(gc.DRY, False, torch.device("cpu"), tmp_path, gc.Deadline(time.monotonic() + 600), {})
+    # a flag that changes nothing (torch 2.14 ignores fuse_transpose_cusparselt) is found out, and
+    # the fused-t variant is not timed: it would time the same call twice
+    ctx = common.Context(common.DRY, False, torch.device("cpu"), tmp_path,
+                         common.Deadline(time.monotonic() + 600), {})
     kernels = {"cusparselt": None, "cutlass": "not here"}
     torch.manual_seed(0)
+    row = layers.time_layer(ctx, _nm_(nn.Linear(64, 32)), (4, 64), torch.bfloat16, kernels)
+    assert set(row["sparse"]) == {"cusparselt"} and "ignores fuse_transpose" in ctx.cache["fused_t_skipped"]
+    # where the flag takes effect, every branch of the timing runs
+    monkeypatch.setattr(layers, "fused_transpose_effect", lambda packed, x: None)
+    ctx.cache.clear()
     rows = []
     for name, mod, shape in (("conv", _nm_(nn.Conv2d(16, 32, 3, padding=1)), (2, 16, 8, 8)),
                              ("point", _nm_(nn.Conv2d(32, 16, 1)), (2, 32, 8, 8)),
                              ("fc", _nm_(nn.Linear(64, 32)), (4, 64))):
-        row = gc._time_layer(ctx, mod, shape, torch.bfloat16, kernels)
+        row = layers.time_layer(ctx, mod, shape, torch.bfloat16, kernels)
         assert set(row["sparse"]) == {"cusparselt", "cusparselt-fused-t"}, row["sparse"]
         assert all(v["error_vs_dense"] < 1e-2 and v["ms"] > 0 for v in row["sparse"].values())
         assert (row["im2col_ms"] > 0) == (name == "conv")  # a 1×1 conv and a linear read their input in place
         row.update(layers=[name], count=2, input=list(shape), verdict="ok" if name != "point" else "small")
         rows.append(row)
-    summary = gc.summarise_layers(rows)
+    summary = layers.summarise(rows)
     assert summary["shapes_sparse"] == 3 and summary["shapes_eligible"] == 2
     assert summary["eligible_speedup"] > 0 and summary["eligible_best_variant"]
     # the selective model packs exactly the layers measured faster, and computes the same
     net = nn.Sequential(_nm_(nn.Conv2d(16, 32, 3, padding=1)), nn.ReLU(), _nm_(nn.Conv2d(32, 16, 1)))
     timed = [{"layers": [n], "sparse": {"cusparselt": {"ms": 1, "speedup": v}}}
              for n, v in (("0", 1.5), ("2", 0.5))]
-    chosen = gc._measured_faster({"rows": timed})
+    chosen = e2e.measured_faster({"rows": timed})
     assert chosen == ["0"]
     x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
-    selective = gc._pack_only(net, chosen, "cusparselt")
+    selective = e2e.pack_only(net, chosen, "cusparselt")
     assert isinstance(selective[0], SemiStructuredConv2d) and type(selective[2]) is nn.Conv2d
     with torch.no_grad():
         torch.testing.assert_close(selective(x), net(x), rtol=2e-2, atol=2e-2)
@@ -191,31 +219,48 @@ def test_gpu_check_sparse_branches_and_tables_run_with_identity_packing(tmp_path
             "layers": {"status": "truncated", "seconds": 70, "reason": "deadline",
                        "runs": [{"dtype": "torch.float16", "batch": 64, "rows": rows, "left_out": ["x"],
                                  "summary": summary}]},
+            "linear": {"status": "ok", "seconds": 10, "model": "4 MLP blocks", "nm_linears": 8, "runs": [
+                {"dtype": "torch.float16", "batch": 64, "tokens": 12608, "rows": rows[2:], "summary": summary,
+                 "dense_ms": 5.0, "semi_structured_ms": 4.0, "semi_structured_speedup": 1.25,
+                 "error_vs_dense": 1e-3}]},
             "e2e": {"status": "ok", "seconds": 20, "runs": [
                 {"dtype": "torch.float16", "batch": 64, "ideal_conv_linear_speedup": 1.9, "packed_layers": 50,
                  "dense_ms": 10.0, "semi_structured_ms": 8.0, "im2col_dense_ms": 12.0,
                  "semi_structured_measured_ms": 7.5, "semi_structured_speedup": 1.25,
-                 "im2col_dense_speedup": 0.83, "semi_structured_measured_speedup": 1.33}]},
+                 "im2col_dense_speedup": 0.83, "semi_structured_measured_speedup": 1.33}],
+                "latency": [{"dtype": "torch.float16", "batch": 1, "dense_ms": 2.0, "semi_structured_ms": 2.5,
+                             "semi_structured_speedup": 0.8}]},
             "train": {"status": "ok", "seconds": 30, "flop_ratio": {"dense": 1.0, "nm": 1.0, "spre": 1.46},
-                      "median_ms": {"dense": 50, "nm": 55, "spre": 80, "nm-held": 52, "spre-held": 75},
-                      "ratio": {"dense": 1.0, "nm": 1.1, "spre": 1.6, "nm-held": 1.04, "spre-held": 1.5},
-                      "mask_update_ms": {"nm": {"all": 3.0}}, "goals": {"nm <= 1.05": False,
-                                                                      "spre <= flop ratio": False},
+                      "precision": {"": "bfloat16 autocast", "fp16+scaler": "float16 autocast, GradScaler"},
+                      "median_ms": {"dense": 50, "nm": 55, "spre": 80, "nm-held": 52, "spre-held": 75,
+                                    "fp16+scaler/dense": 48, "fp16+scaler/nm": 50, "fp16+scaler/spre": 70},
+                      "ratio": {"dense": 1.0, "nm": 1.1, "spre": 1.6, "nm-held": 1.04, "spre-held": 1.5,
+                                "fp16+scaler/dense": 1.0, "fp16+scaler/nm": 1.04, "fp16+scaler/spre": 1.45},
+                      "mask_share": {"nm": 0.05, "spre": 0.06},
+                      "mask_update_share": {"nm": 0.04, "spre": 0.05},
+                      "mask_update_ms": {"nm": {"all": 3.0}},
+                      "goals": {"nm <= 1.05": False, "spre <= flop ratio": False,
+                                "fp16+scaler/nm <= 1.05": True, "fp16+scaler/spre <= flop ratio": True},
                       "profile": {"dense": {"ms_per_step": 40.0, "optimizer_step_cpu_ms": 2.0, "top": {}}}},
         },
     }
-    full, short = gc.markdown(result)
+    full, short = report.markdown(result, gc.PARTS)
     assert "| conv | 2 | 128x144x32 | ok |" in full and "fc cusparselt: advisor no" in full
     assert "| layers torch.float16 b64 eligible speed-up |" in short
-    assert "| train SpRe step / dense | 1.600" in short
+    assert "| Linear torch.float16 b64 (12608 tokens) whole MLP stack 2:4 | 1.250 |" in short
+    assert "## Deployed latency, batch 1-16 (ms)" in full and "| latency torch.float16 b1 | 0.800 |" in short
+    assert "| train SpRe step / dense (bfloat16 autocast) | 1.600 | <= 1.460 | NO |" in short
+    assert "| train SpRe step / dense (fp16+scaler) | 1.450 | <= 1.460 | yes |" in short
+    assert "| mask update share of a spre step | 0.060 | as measured | - |" in short
     assert "| pytest -m gpu | 6 passed in 9s | all pass | yes |" in short
 
 
 def test_gpu_check_trains_on_cpu_if_the_gpu_fails_and_e2e_runs_every_variant(tmp_path, monkeypatch):
     """The kernel parts share one trained model: a failure of the (never run) CUDA mask code must
     not take them down with it."""
-    gc = _load_gpu_check(monkeypatch)
-    real, devices = gc._train_and_convert, []
+    _load_gpu_check(monkeypatch)
+    common, e2e = _part("common"), _part("e2e")
+    real, devices = common.train_and_convert, []
 
     def first_call_fails(sizes, device):
         devices.append(device.type)
@@ -223,25 +268,30 @@ def test_gpu_check_trains_on_cpu_if_the_gpu_fails_and_e2e_runs_every_variant(tmp
             raise RuntimeError("no kernel image is available")
         return real(sizes, device)
 
-    monkeypatch.setattr(gc, "_train_and_convert", first_call_fails)
-    ctx = gc.Context(gc.DRY, True, torch.device("cpu"), tmp_path, gc.Deadline(time.monotonic() + 600), {})
-    prepared, converted = gc.trained(ctx)
+    monkeypatch.setattr(common, "train_and_convert", first_call_fails)
+    ctx = common.Context(common.DRY, True, torch.device("cpu"), tmp_path,
+                         common.Deadline(time.monotonic() + 600), {})
+    prepared, converted = common.trained(ctx)
     assert devices == ["cpu", "cpu"] and "no kernel image" in ctx.cache["trained_on_cpu"]
-    assert gc.trained(ctx) == (prepared, converted)  # built once
+    assert common.trained(ctx) == (prepared, converted)  # built once
     # on that model, the whole-model part's GPU branch (every variant built and timed) runs with
     # torch's packing call replaced by the identity, in bfloat16 (what the 2:4 path takes)
     monkeypatch.setattr(backend, "_sparse_from_dense", lambda cls, weight: weight)
     monkeypatch.setattr(backend, "_require_cuda", lambda model: None)
-    monkeypatch.setattr(gc, "kernels_here", lambda ctx: {"cusparselt": None, "cutlass": "not here"})
-    bf16 = dataclasses.replace(gc.DRY, dtypes=(torch.bfloat16,))
-    deadline = gc.Deadline(time.monotonic() + 600)
-    ctx = gc.Context(bf16, False, torch.device("cpu"), tmp_path, deadline, ctx.cache)
+    monkeypatch.setattr(e2e, "kernels_here", lambda ctx: {"cusparselt": None, "cutlass": "not here"})
+    monkeypatch.setattr(e2e, "fused_t_skipped", lambda ctx, model: None)  # a torch that honours the flag
+    bf16 = dataclasses.replace(common.DRY, dtypes=(torch.bfloat16,))
+    deadline = common.Deadline(time.monotonic() + 600)
+    ctx = common.Context(bf16, False, torch.device("cpu"), tmp_path, deadline, ctx.cache)
     ctx.cache["layer_runs"] = [{"dtype": "torch.bfloat16", "batch": 2, "rows": [
         {"layers": ["layer1.0.conv1"], "sparse": {"cusparselt": {"ms": 1.0, "speedup": 2.0}}}]}]
     rec: dict = {}
-    gc.part_e2e(ctx, rec)
+    e2e.run(ctx, rec)
     (row,) = rec["runs"]
     variants = ("dense", "semi_structured", "semi_structured_fused_t", "im2col_dense",
                 "semi_structured_measured")
     assert not [k for k in row if k.endswith("_raised")], row
     assert all(row[f"{v}_ms"] > 0 for v in variants) and row["measured_faster_layers"] == 1
+    # deployed latency at each small batch, dense and 2:4
+    (small,) = rec["latency"]
+    assert small["batch"] == 1 and small["dense_ms"] > 0 and small["semi_structured_ms"] > 0
