@@ -118,7 +118,7 @@ def run(ctx: Context, rec: dict) -> None:
             chosen = measured_faster(measured.get((str(dtype), batch)))
             builders["semi_structured"] = lambda dense=dense: to_semi_structured(dense)
             if kernel == "cusparselt":
-                why = fused_t_skipped(ctx, to_semi_structured(dense))
+                why = fused_t_skipped(ctx, to_semi_structured(dense, kernel="cusparselt"))
                 if why:
                     ctx.skip(rec, "semi_structured_fused_t", why)
                 else:  # cuSPARSELt transposing in the kernel: the layers hand on NHWC outputs
