@@ -20,8 +20,11 @@ Only spre_fx's public API is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,11 @@ from torch import nn
 import spre_fx
 
 __all__ = ["TrainingSession", "Deployment", "find_prepared", "first_input"]
+
+# model -> names of the layers a session holds. Kept per model, not per session: a trainer may
+# replace a callback by a new instance (the Hugging Face Trainer does when it restores callback
+# states), and the new one must let go of what the old one held.
+_HOLDS: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
 
 
 def find_prepared(root: nn.Module) -> tuple[str, nn.Module] | None:
@@ -64,6 +72,18 @@ def first_input(batch: Any) -> Any:
     return batch
 
 
+@contextlib.contextmanager
+def _own_forward(model: nn.Module) -> Iterator[None]:
+    """Set aside an instance attribute `forward` (accelerate wraps the Trainer's model in autocast
+    that way) for the block: a copy would call the wrapper, bound to the original model."""
+    wrapper = model.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if wrapper is not None:
+            model.__dict__["forward"] = wrapper
+
+
 @dataclass(frozen=True)
 class Deployment:
     """What `TrainingSession.deploy` made: the converted model, the verification (None when no
@@ -85,7 +105,6 @@ class TrainingSession:
         plan = spre_fx.plan_of(model, stage="prepared")
         self.layers = {lp.name: model.get_submodule(lp.name)
                        for lp in plan.layers if lp.treatment != spre_fx.Treatment.DENSE}
-        self._held: list[str] = []
         self._logged_step: Any = None
         self._stopped_state: dict[str, Any] | None = None  # the scheduler's state when it was detached
 
@@ -94,15 +113,15 @@ class TrainingSession:
         """Hold every N:M layer's masks as they are now (layers the user froze stay the user's)."""
         if self.scheduler is not None:
             return  # a scheduler already holds them
+        held = _HOLDS.setdefault(self.model, [])
         for name, layer in self.layers.items():
-            if not layer.spre_fx.frozen and name not in self._held:
+            if not layer.spre_fx.frozen and name not in held:
                 layer.freeze_masks()
-                self._held.append(name)
+                held.append(name)
 
     def _release(self) -> None:
-        for name in self._held:
+        for name in _HOLDS.pop(self.model, []):
             self.layers[name].freeze_masks(False)
-        self._held = []
 
     # ------------------------------------------------------------------ training
     def start(self, optimizer: Any, state: dict[str, Any] | None = None) -> spre_fx.MaskScheduler:
@@ -160,13 +179,14 @@ class TrainingSession:
         `spre_fx.verify` it against the prepared model on `example_inputs` (a tensor, a tuple of
         positional inputs or a mapping of keyword inputs; raises `spre_fx.VerificationError`),
         and, with `export_dir`, write `spre_report.txt`, `spre_report.json` and `deployed.pt`
-        (the converted model's state dict)."""
-        deployed = spre_fx.convert(self.model)
-        verification = None
-        if example_inputs is not None:
+        (the converted model's state dict). Both models run their class's own forward: a
+        forward wrapper in the instance (accelerate's autocast under fp16/bf16) is set aside."""
+        with _own_forward(self.model):
+            deployed = spre_fx.convert(self.model)
+            verification = None
             if isinstance(example_inputs, dict):
                 verification = spre_fx.verify(self.model, deployed, (), example_kwargs=example_inputs)
-            else:
+            elif example_inputs is not None:
                 verification = spre_fx.verify(self.model, deployed, example_inputs)
         rep = spre_fx.report(deployed)
         files: list[str] = []
