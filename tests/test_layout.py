@@ -35,6 +35,7 @@ STAGES = {
     "spre_fx.conversion": 9,
     "spre_fx.reporting": 10, "spre_fx.verification": 10,
     "spre_fx": 11,
+    "spre_fx.cli": 12, "spre_fx.__main__": 13,  # the command line: public API only
 }
 
 
