@@ -108,6 +108,15 @@ def test_timm_default_input_size(capsys):
     assert code == 0 and json.loads(out)["input_size"] == [1, *expected]
 
 
+def test_import_spre_fx_imports_no_integration_and_no_cli():
+    code = ("import sys, spre_fx; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('lightning', 'transformers', 'accelerate', 'timm', 'torchvision') "
+            "or m.startswith(('spre_fx.integrations', 'spre_fx.cli'))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_python_dash_m_and_the_console_script():
     """`python -m spre_fx` runs the same main (a subprocess: exit status and streams as a user
     sees them); pyproject names it as the `spre-fx` script."""
