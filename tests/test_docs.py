@@ -110,6 +110,7 @@ def _python_blocks(page: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("page, needs", [("docs/lightning.md", ("lightning", "torchvision")),
                                          ("docs/transformers.md", ("transformers", "accelerate"))])
 def test_integration_guide_snippet_runs(page, needs, tmp_path, monkeypatch):
@@ -118,14 +119,8 @@ def test_integration_guide_snippet_runs(page, needs, tmp_path, monkeypatch):
         pytest.importorskip(module, reason=f"{page} needs {module}: pip install -e .[dev]")
     monkeypatch.chdir(tmp_path)  # what the snippet writes (checkpoints, spre_deploy/) stays here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     namespace = {"__name__": "__snippet__"}
-    try:
-        exec(compile(_python_blocks(ROOT / page)[0], page, "exec"), namespace)
-    finally:
-        torch.set_num_threads(threads)
+    exec(compile(_python_blocks(ROOT / page)[0], page, "exec"), namespace)
     deployment = namespace["spre"].deployment
     assert deployment.verification.output_error <= 1e-5
     assert not any(deployment.verification.nm_violations.values())
