@@ -42,7 +42,8 @@ SYNC_OPS = {
 
 def _bool_index(func, args) -> bool:
     """An index (or index_put) with a bool mask: its output size is the mask's count (a sync)."""
-    if func not in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
+    if func not in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                    aten._index_put_impl_.default):
         return False
     return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])
 
@@ -157,7 +158,8 @@ def count_step(model: nn.Module, x: torch.Tensor, track_stats: bool = False, mov
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=32)

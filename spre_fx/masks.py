@@ -64,7 +64,8 @@ def _ungroup(groups: Tensor, like: Tensor) -> Tensor:
 
 def _check_out(weight: Tensor, out: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     if out.shape != shape or out.dtype != dtype or out.device != weight.device:
-        raise ValueError(f"out must be a {str(dtype).removeprefix('torch.')} tensor of shape {tuple(shape)} on {weight.device}, found "
+        kind = str(dtype).removeprefix("torch.")
+        raise ValueError(f"out must be a {kind} tensor of shape {tuple(shape)} on {weight.device}, found "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
 
 
@@ -136,7 +137,7 @@ def _nm_keep(weight: Tensor, n: int, m: int) -> Tensor:
         # rank_i = i + #{j > i : a_i < a_j} - #{j < i : a_j < a_i} (a tie goes to the lower index;
         # a NaN ties with everything). Keep rank < N. All M×M comparisons in one op, summed in
         # int8 (|rank| < 8): beats[i, j] = [j > i] [a_i < a_j].
-        upper, limit = _rank_constants(n, m, a.dim(), a.device)
+        upper, limit = _rank_constants(n, m, a)
         beats = torch.lt(a.unsqueeze(1), a.unsqueeze(0)).view(torch.uint8).mul_(upper)
         keep = torch.lt(beats.sum(1, dtype=torch.int8) - beats.sum(0, dtype=torch.int8), limit)
     else:
@@ -145,13 +146,22 @@ def _nm_keep(weight: Tensor, n: int, m: int) -> Tensor:
     return keep.movedim(0, 2).flatten(1, 2)
 
 
-@functools.lru_cache(maxsize=64)
-def _rank_constants(n: int, m: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """[j > i] as uint8 [M, M, 1, ...] and N − i as int8 [M, 1, ...] for `_nm_keep`, built once
-    per device instead of at every update (each would be a few more launches per group)."""
+def _rank_constants(n: int, m: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """[j > i] as uint8 [M, M, 1, ...] and N − i as int8 [M, 1, ...] for `_nm_keep` on `like`'s
+    device; kept per device for plain tensors (built at each update they are a few more
+    launches per group), built afresh for fake, traced or compiled ones."""
+    if type(like) is Tensor and not torch.compiler.is_compiling():
+        return _cached_rank_constants(n, m, like.dim(), like.device)
+    return _build_rank_constants(n, m, like.dim(), like.device)
+
+
+def _build_rank_constants(n: int, m: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
     upper = torch.ones(m, m, dtype=torch.uint8, device=device).triu_(1)
-    limit = n - torch.arange(m, dtype=torch.int8, device=device)
+    limit = torch.arange(n, n - m, -1, dtype=torch.int8, device=device)
     return upper.view((m, m) + (1,) * (dim - 1)), limit.view((m,) + (1,) * (dim - 1))
+
+
+_cached_rank_constants = functools.lru_cache(maxsize=64)(_build_rank_constants)
 
 
 def nm_violations(weight: Tensor, n: int, m: int) -> int:
@@ -292,7 +302,7 @@ def pruned_indicator(mask: Tensor, dtype: torch.dtype, out: Tensor | None = None
     if out is None:
         out = torch.empty(mask.shape, dtype=dtype, device=mask.device)
     elif out.shape != mask.shape or out.dtype != dtype:
-        raise ValueError(f"out must be a {str(dtype).removeprefix('torch.')} tensor of shape {tuple(mask.shape)}, found {out.dtype} "
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(mask.shape)}, found {out.dtype} "
                          f"{tuple(out.shape)}")
     if mask.dtype == torch.bool:  # read as uint8: several times faster than bool ops on CPU
         return torch.eq(mask.view(torch.uint8), 0, out=out)

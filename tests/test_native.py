@@ -24,7 +24,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import spre_fx
 from spre_fx import _native
 from spre_fx.masks import (
-    _nm_mask_torch,
     magnitude_mask,
     nm_mask,
     spatial_hint,
@@ -35,6 +34,12 @@ from spre_fx.masks import (
 needs_native = pytest.mark.skipif(_native.library() is None, reason=f"C mask kernels: {_native.backend()}")
 SETTINGS = settings(max_examples=60, deadline=None)
 FLOATS = [torch.float32, torch.float64]
+
+
+def torch_nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M mask the torch code computes (what CUDA and half-precision weights run)."""
+    with _native.using(None):
+        return nm_mask(w, n, m)
 
 
 def rand_weight(shape, dtype, seed: int, ties: bool) -> torch.Tensor:
@@ -87,8 +92,7 @@ def test_nm_kernel_equals_torch(m, n_frac, o, groups, kernel, dtype, ties, nans,
     if nans:
         w.view(-1)[:: 5] = float("nan")
     w = relayout(w, layout)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w.contiguous(), n, m, expect)
+    expect = torch_nm_mask(w.contiguous(), n, m)
     out = relayout(torch.zeros(w.shape, dtype=torch.bool), out_layout)
     assert _native.nm_mask(w, n, m, out)
     assert torch.equal(out, expect)
@@ -208,8 +212,7 @@ def test_nm_kernel_on_contiguous_3x3_blocks_and_their_tail(m, n_frac, blocks, ta
     w = rand_weight((blocks * 16 + tail, m, 3, 3), torch.float32, seed, ties)  # one group per row
     if nans:
         w.view(-1)[:: 7] = float("nan")
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, n, m, expect)
+    expect = torch_nm_mask(w, n, m)
     assert torch.equal(nm_mask(w, n, m), expect)
 
 
@@ -223,8 +226,7 @@ def test_kernels_split_across_threads_like_one(threads, shape):
     torch.set_num_threads(threads)
     try:
         w = rand_weight(shape, torch.float32, seed=sum(shape), ties=False)
-        expect = torch.empty(w.shape, dtype=torch.bool)
-        _nm_mask_torch(w, 2, 4, expect)
+        expect = torch_nm_mask(w, 2, 4)
         assert torch.equal(nm_mask(w, 2, 4), expect)
         k = w.numel() // 2
         expect_kept = magnitude_mask(w, k / w.numel()).sum(dim=(0, 1))
@@ -332,8 +334,7 @@ def test_kernels_decline_what_they_do_not_cover():
 def test_without_a_compiler_masks_fall_back_to_torch_with_one_warning(monkeypatch, tmp_path):
     """A failing build warns once, says why in backend(), and the masks are unchanged."""
     w = torch.randn(8, 16, 3, 3)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, 2, 4, expect)
+    expect = torch_nm_mask(w, 2, 4)
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setenv("SPRE_FX_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
@@ -356,8 +357,7 @@ def test_another_build_of_the_source_runs_inside_its_block_only(monkeypatch, tmp
     shipped = _native.library()
     assert other is not shipped and list(tmp_path.glob("native/*.so"))
     w = rand_weight((8, 16, 3, 3), torch.float32, seed=3, ties=True)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, 2, 4, expect)
+    expect = torch_nm_mask(w, 2, 4)
     with _native.using(other):
         assert _native.library() is other
         assert torch.equal(nm_mask(w, 2, 4), expect)
@@ -498,8 +498,7 @@ def test_a_cached_library_that_does_not_load_is_rebuilt(monkeypatch, tmp_path):
         assert _native.backend() == "native"
     assert lib.read_bytes()[:4] == b"\x7fELF"
     w = torch.randn(8, 16, 3, 3)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, 2, 4, expect)
+    expect = torch_nm_mask(w, 2, 4)
     assert torch.equal(nm_mask(w, 2, 4), expect)
 
 

@@ -111,8 +111,9 @@ class SpReConv2d(NMLayer, nn.Conv2d):
             for layer in layers:
                 by_rate.setdefault(_spatial_rate(layer), []).append(layer)
             for rate, group in by_rate.items():
-                spatial_masks([layer.weight for layer in group], rate, [layer.spatial_mask for layer in group],
-                              [_spatial_hint(layer) for layer in group])
+                weights = [layer.weight for layer in group]
+                outs = [layer.spatial_mask for layer in group]
+                spatial_masks(weights, rate, outs, hints=[_spatial_hint(layer) for layer in group])
 
     def spatial_from_weight(self) -> Tensor:
         """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (method.md §3)."""
