@@ -86,3 +86,43 @@ def test_the_mask_update_costs_under_half_a_forward_backward(counts):
     assert moving.step <= 0.5 * moving.forward_backward, moving.step_ops.most_common(10)
     added = moving.step + moving.forward_backward - held.forward_backward - held.step
     assert added <= 0.5 * held.forward_backward, (added, held.forward_backward)
+
+
+def test_grouped_scheduled_updates_write_what_each_layer_computes():
+    """A scheduled run on the torch path (layers of equal shapes grouped) leaves in every layer the
+    masks the C kernels compute from its weight alone, leaves a frozen layer's masks alone, and
+    its statistics equal a recount from the masks before and after."""
+    from torch import nn
+
+    import spre_fx
+    from spre_fx import _native
+    from spre_fx.masks import nm_mask, spatial_mask
+    from tests.nets import Block, conv_bn
+
+    torch.manual_seed(0)
+    p = spre_fx.prepare(nn.Sequential(conv_bn(4, 8), Block(8), Block(8), conv_bn(8, 16, stride=2),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8)))
+    layers = {n: m for n, m in p.named_modules() if hasattr(m, "nm_mask")}
+    frozen = p[2].conv1
+    frozen.freeze_masks()
+    opt = torch.optim.SGD(p.parameters(), lr=0.5)
+    sched = spre_fx.MaskScheduler(p, opt, track_stats=True)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    held = {k: v.clone() for k, v in frozen.state_dict().items() if k.endswith("_mask")}
+    for _ in range(3):
+        before = {n: m.nm_mask.clone() for n, m in layers.items()}
+        with _native.using(None):
+            opt.zero_grad()
+            p(x).square().mean().backward()
+            opt.step()
+        for name, m in layers.items():
+            if m is frozen:
+                continue
+            assert torch.equal(m.nm_mask, nm_mask(m.weight, 2, 4)), name
+            if hasattr(m, "spatial_mask"):
+                assert torch.equal(m.spatial_mask, spatial_mask(m.weight, 0.5)), name
+        flips = sum(int((before[n] != m.nm_mask).sum()) for n, m in layers.items())
+        total = sum(m.nm_mask.numel() for m in layers.values() if m is not frozen)
+        assert flips > 0 and sched.stats["nm_flip_rate"] == flips / total
+        assert sched.stats["sparsity"] == {n: 1 - int(m.nm_mask.sum()) / m.nm_mask.numel() for n, m in layers.items()}
+    assert all(torch.equal(v, getattr(frozen, k)) for k, v in held.items())
