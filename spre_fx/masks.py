@@ -129,8 +129,7 @@ def nm_masks(weights: Sequence[Tensor], n: int, m: int, out: Sequence[Tensor]) -
 def _nm_keep(weight: Tensor, n: int, m: int) -> Tensor:
     """The N:M mask of `weight` ([B, C, *kernel], any strides) in a fixed number of torch ops;
     the C kernel computes the same (ties and NaN included)."""
-    b, c = weight.shape[:2]
-    view = weight.unflatten(1, (c // m, m)).movedim(2, 0)  # [M, B, C/M, *kernel]
+    view = weight.unflatten(1, (weight.shape[1] // m, m)).movedim(2, 0)  # [M, B, C/M, *kernel]
     a = torch.empty(view.shape, dtype=weight.dtype, device=weight.device)
     torch.abs(view, out=a)  # member i of every group is one contiguous plane: dense passes below
     if m <= _PAIRWISE_MAX_M:
