@@ -34,6 +34,9 @@ from spre_fx.masks import (
 needs_native = pytest.mark.skipif(_native.library() is None, reason=f"C mask kernels: {_native.backend()}")
 SETTINGS = settings(max_examples=60, deadline=None)
 FLOATS = [torch.float32, torch.float64]
+LAYOUTS = ["contiguous", "channels_last"]
+GROUP_KERNELS = [(3, 3), (1, 1), (2, 3)]
+SEEDS = st.integers(0, 2**31 - 1)
 
 
 def torch_nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -120,6 +123,39 @@ def test_spatial_kernel_counts_what_magnitude_pruning_keeps(o, c, kernel, dtype,
     assert kept is not None and kept.dtype == torch.int64 and kept.shape == w.shape[2:]
     assert torch.equal(kept, magnitude_mask(w, rate).sum(dim=(0, 1)))
     assert torch.equal(spatial_mask(w, rate), spatial_sparsity(magnitude_mask(w, rate)) < rate)
+
+
+@needs_native
+@SETTINGS
+@given(
+    m=st.integers(2, 8),
+    n_frac=st.floats(0.0, 1.0),
+    shapes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3), st.sampled_from(GROUP_KERNELS)),
+                    min_size=1, max_size=2),
+    picks=st.lists(st.tuples(st.integers(0, 1), st.booleans(), st.sampled_from(LAYOUTS), SEEDS),
+                   min_size=1, max_size=5),
+    dtype=st.sampled_from(FLOATS),
+    rate=st.floats(0.01, 0.99),
+)
+def test_grouped_torch_masks_equal_the_kernels_layer_by_layer(m, n_frac, shapes, picks, dtype, rate):
+    """What CUDA runs (`nm_masks` / `spatial_masks` with the kernels off: layers of one shape
+    concatenated or stacked and ranked together) equals the C kernels run on each layer alone,
+    bit for bit: heavy ties, float32/64, contiguous and channels-last layers mixed in a group."""
+    from spre_fx.masks import nm_masks, spatial_masks
+
+    n = min(m - 1, 1 + int(n_frac * (m - 1)))
+    weights = []
+    for which, ties, layout, seed in picks:
+        o, groups, kernel = shapes[which % len(shapes)]
+        weights.append(relayout(rand_weight((o, groups * m, *kernel), dtype, seed, ties), layout))
+    nm_out = [torch.zeros(w.shape, dtype=torch.bool) for w in weights]
+    s_out = [torch.zeros(w.shape[2:], dtype=torch.bool) for w in weights]
+    with _native.using(None):
+        nm_masks(weights, n, m, nm_out)
+        spatial_masks(weights, rate, s_out)
+    for w, got_nm, got_s in zip(weights, nm_out, s_out):
+        assert torch.equal(got_nm, nm_mask(w, n, m))
+        assert torch.equal(got_s, spatial_mask(w, rate))
 
 
 @needs_native
