@@ -4,7 +4,8 @@
 
 Prints the median over repeats of: `nm_mask` for every N:M-eligible conv (what a
 `MaskScheduler` step computes) and `spatial_mask` for every k×k conv (the SpRe layers), each
-with the C kernels (spre_fx/_native.c) and with the torch code they replace, interleaved, with
+with the C kernels (spre_fx/_native.c) and with the grouped torch code (what CUDA weights run,
+`nm_masks` / `spatial_masks` with the kernels off), interleaved, with
 the median of per-repeat ratios; and, for the largest weight, a bool mask cast to float read as
 bool and as uint8. `--baseline-source FILE` also times both masks with another version of the C
 source against the shipped one, interleaved (e.g. the kernels before a change):
@@ -33,13 +34,20 @@ import torchvision
 
 from spre_fx import _native
 from spre_fx.masks import (
-    _nm_mask_torch,
-    magnitude_mask,
     nm_mask,
+    nm_masks,
     spatial_hint,
     spatial_mask,
-    spatial_sparsity,
+    spatial_masks,
 )
+
+
+def torch_path(fn):
+    """`fn` run with the C kernels off: the grouped torch code CUDA weights take."""
+    def run():
+        with _native.using(None):
+            return fn()
+    return run
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -119,6 +127,7 @@ def main(argv=None) -> None:
              if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.in_channels % 4 == 0]
     spatial = [w for w in convs if w.shape[-1] > 1]
     masks = [torch.empty(w.shape, dtype=torch.bool) for w in convs]
+    taps = [torch.empty(w.shape[2:], dtype=torch.bool) for w in spatial]
     hints = [spatial_hint() for _ in spatial]
     baseline_hints = [spatial_hint() for _ in spatial]  # its own: another source may read them otherwise
     print(f"{args.model}, {args.threads} threads, median of {args.repeats}, C kernels: {_native.backend()}")
@@ -126,16 +135,16 @@ def main(argv=None) -> None:
     pairs = {
         f"nm_mask 2:4, {len(convs)} convs, {sum(w.numel() for w in convs) / 1e6:.1f}M weights": (
             lambda: [nm_mask(w, 2, 4, out=o) for w, o in zip(convs, masks)],
-            lambda: [_nm_mask_torch(w, 2, 4, o) for w, o in zip(convs, masks)],
+            torch_path(lambda: nm_masks(convs, 2, 4, masks)),
         ),
         f"spatial_mask, {len(spatial)} k×k convs, {sum(w.numel() for w in spatial) / 1e6:.1f}M weights": (
             lambda: [spatial_mask(w, rate) for w in spatial],
-            lambda: [spatial_sparsity(magnitude_mask(w, rate)) < rate for w in spatial],
+            torch_path(lambda: spatial_masks(spatial, rate, taps)),
         ),
         # what a SpRe layer calls: its hint holds here (the same weights each time), one pass
         f"spatial_mask with each layer's hint, {len(spatial)} k×k convs": (
             lambda: [spatial_mask(w, rate, h) for w, h in zip(spatial, hints)],
-            lambda: [spatial_sparsity(magnitude_mask(w, rate)) < rate for w in spatial],
+            torch_path(lambda: spatial_masks(spatial, rate, taps)),
         ),
     }
     for name, (native, torch_code) in pairs.items():

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import NMLayer
+from .layers import MaskStep, NMLayer
+from .layers.nm import scheduled_updates
 from .module_tree import unwrap_model
 
 __all__ = ["MaskSchedule", "MaskScheduler"]
@@ -62,6 +63,16 @@ class MaskSchedule:
         return step == self.warmup_steps or (step - self.warmup_steps) % interval == 0
 
 
+def _to_host(values: list[torch.Tensor | int]) -> list[int]:
+    """Ints from a list of 0-dim integer tensors and ints, the tensors copied over in one stack."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [int(v) for v in values]
+    device = tensors[0].device
+    read = iter(torch.stack([t.to(device) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else int(v) for v in values]
+
+
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside wrappers that expose one as `.optimizer` (mmengine's OptimWrapper)."""
     seen = 0
@@ -81,7 +92,8 @@ class MaskScheduler:
         sched = spre_fx.MaskScheduler(model, opt, warmup_steps=100)
 
     While attached, the layers' forwards leave their masks alone (`scheduled`). `stats` holds the last
-    step's statistics when `track_stats=True`. `state_dict()` / `load_state_dict()` resume.
+    step's statistics when `track_stats=True`: they stay tensors on the model's device until read,
+    then one copy brings them all to the host. `state_dict()` / `load_state_dict()` resume.
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, schedule: MaskSchedule | None = None,
@@ -94,7 +106,8 @@ class MaskScheduler:
         if not self.layers:
             raise ValueError("the model has no N:M layers: call spre_fx.prepare(model) first")
         self.step = 0
-        self.stats: dict[str, Any] = {}
+        self._stats: dict[str, Any] = {}
+        self._pending: tuple[int, dict[str, MaskStep]] | None = None
         for m in self.layers.values():
             m.attach_schedule()  # the scheduler holds the masks in force, not stale buffers
         self._set_warmup(self.schedule.warmup_steps > 0)
@@ -117,16 +130,30 @@ class MaskScheduler:
 
     def _update(self, move_nm: bool, move_spatial: bool) -> None:
         track = self.schedule.track_stats
-        steps = {name: m.scheduled_update(move_nm, move_spatial, track=track)
-                 for name, m in self.layers.items()}
+        steps = scheduled_updates(list(self.layers.values()), move_nm, move_spatial, track=track)
         if track:
+            self._pending = (self.step, dict(zip(self.layers, steps)))
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The last tracked update (`track_stats=True`; else empty): `step`, `nm_flip_rate` (share
+        of N:M mask entries that flipped), `spatial_mask_changes` (taps that moved) and `sparsity`
+        per layer name. Computed as tensors in the step; the first read after it copies them to
+        the host at once (on a GPU, the one sync that tracking costs)."""
+        if self._pending is not None:
+            step, steps = self._pending
+            self._pending = None
+            counts = [c for s in steps.values() for c in (s.nm_flips, s.spatial_changes, s.nm_kept)]
+            values = _to_host(counts)
+            flips, changes, kept = values[0::3], values[1::3], values[2::3]
             total = sum(s.nm_total for s in steps.values())
-            self.stats = {
-                "step": self.step,
-                "nm_flip_rate": sum(s.nm_flips for s in steps.values()) / total if total else 0.0,
-                "spatial_mask_changes": sum(s.spatial_changes for s in steps.values()),
-                "sparsity": {name: s.sparsity for name, s in steps.items()},
+            self._stats = {
+                "step": step,
+                "nm_flip_rate": sum(flips) / total if total else 0.0,
+                "spatial_mask_changes": sum(changes),
+                "sparsity": {name: 1.0 - k / s.numel for (name, s), k in zip(steps.items(), kept)},
             }
+        return self._stats
 
     def _set_warmup(self, dense: bool) -> None:
         for _, m in self._moving():

@@ -447,23 +447,93 @@ def test_srste_bool_mask_stays_out_of_graph():
     assert w.grad is not None and not mask.requires_grad and mask.grad is None
 
 
-@FAST
-@given(
-    numel=st.integers(1, 3000),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    levels=st.sampled_from([0, 3, 50]),
-    data=st.data(),
-)
-def test_kth_smallest_matches_kthvalue(numel, dtype, levels, data):
-    """The histogram k-th value equals torch.kthvalue, with heavy ties and with none."""
-    from spre_fx.masks import _kth_smallest
+# --------------------------------------------------------------------------- grouped (torch) path
+def ref_nm_pairwise(weight: torch.Tensor, n: int, m: int) -> list[list[bool]]:
+    """Reference N:M mask by pairwise comparison in Python, as the C kernel defines it also for
+    NaN: member i is outranked by every lower j unless |w_j| < |w_i|, and by every higher j with
+    |w_i| < |w_j| (a NaN compares false both ways, so it ties with everything)."""
+    out = []
+    for row in channel_rows(weight):
+        a = [abs(v) for v in row]
+        keep = []
+        for start in range(0, len(a), m):
+            g = a[start:start + m]
+            for i in range(m):
+                rank = sum(not g[j] < g[i] for j in range(i)) + sum(g[i] < g[j] for j in range(i + 1, m))
+                keep.append(rank < n)
+        out.append(keep)
+    return out
 
-    g = torch.Generator().manual_seed(numel)
-    a = torch.randn(numel, generator=g, dtype=dtype).abs()
-    if levels:
-        a = (a * levels).round()
-    k = data.draw(st.integers(1, numel))
-    assert _kth_smallest(a, k) == a.kthvalue(k).values
+
+@st.composite
+def layer_sets(draw, conv_only: bool = False):
+    """2-5 weights drawn from two shapes (so that some share one: a group), with ties, NaN
+    (optional) and a channels-last layout mixed in: what a grouped call receives."""
+    n, m = draw(nm_pairs(max_m=8))
+    shapes = []
+    for _ in range(2):
+        kernel = draw(kernels(rank=2 if conv_only else None))
+        shapes.append((draw(st.integers(1, 3)), m * draw(st.integers(1, 3)), *kernel))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    weights = []
+    for _ in range(draw(st.integers(2, 5))):
+        seed, ties = draw(st.integers(0, 2**31 - 1)), draw(st.booleans())
+        w = rand_weight(draw(st.sampled_from(shapes)), dtype, seed, ties)
+        weights.append(other_layout(w) if draw(st.booleans()) else w)
+    return n, m, weights
+
+
+@SETTINGS
+@given(layers=layer_sets(), nan_at=st.lists(st.integers(0, 10**6), max_size=3))
+def test_grouped_nm_masks_equal_the_pairwise_reference(layers, nan_at):
+    """`nm_masks` on the torch path (CUDA's), several layers per group, ties and NaN included,
+    equals the pairwise reference layer by layer (the C kernel is held to it in test_native)."""
+    from spre_fx import _native
+    from spre_fx.masks import nm_masks
+
+    n, m, weights = layers
+    for w, at in zip(weights, nan_at):
+        w[tuple(torch.unravel_index(torch.tensor(at % w.numel()), w.shape))] = float("nan")
+    outs = [torch.zeros(w.shape, dtype=torch.bool) for w in weights]
+    outs[0] = other_layout(outs[0])
+    with _native.using(None):
+        nm_masks(weights, n, m, outs)
+    for w, out in zip(weights, outs):
+        assert channel_rows(out) == [[float(v) for v in row] for row in ref_nm_pairwise(w, n, m)]
+
+
+@SETTINGS
+@given(layers=layer_sets(conv_only=True), dtype=st.sampled_from(DTYPES + [torch.float16]),
+       rate_64ths=st.integers(0, 63))
+def test_grouped_spatial_masks_equal_the_sorting_reference(layers, dtype, rate_64ths):
+    """`spatial_masks` on the torch path (one `kthvalue` per group of equal shapes) equals the
+    sort-based reference layer by layer: ties, zeros, half precision, channels-last."""
+    from spre_fx import _native
+    from spre_fx.masks import spatial_masks
+
+    _, _, weights = layers
+    weights = [w.to(dtype) for w in weights]
+    rate = Fraction(rate_64ths, 64)
+    outs = [torch.zeros(w.shape[2:], dtype=torch.bool) for w in weights]
+    with _native.using(None):
+        spatial_masks(weights, float(rate), outs)
+    for w, out in zip(weights, outs):
+        assert out.flatten().tolist() == ref_spatial_mask(w, rate)
+
+
+def test_grouped_masks_check_their_arguments():
+    """One out per weight, each of the right shape, dtype and device; a bad one is named."""
+    from spre_fx.masks import nm_masks, spatial_masks
+
+    w = torch.randn(4, 8, 3, 3)
+    with pytest.raises(ValueError, match="one out per weight"):
+        nm_masks([w, w], 2, 4, [torch.empty(w.shape, dtype=torch.bool)])
+    with pytest.raises(ValueError, match=r"out must be a bool tensor of shape \(4, 8, 3, 3\)"):
+        nm_masks([w], 2, 4, [torch.empty(4, 8, 3, 3)])
+    with pytest.raises(ValueError, match=r"out must be a bool tensor of shape \(3, 3\)"):
+        spatial_masks([w], 0.5, [torch.empty(4, 8, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="one out \\(and hint\\) per weight"):
+        spatial_masks([w], 0.5, [torch.empty(3, 3, dtype=torch.bool)], hints=[])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

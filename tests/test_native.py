@@ -24,7 +24,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import spre_fx
 from spre_fx import _native
 from spre_fx.masks import (
-    _nm_mask_torch,
     magnitude_mask,
     nm_mask,
     spatial_hint,
@@ -35,6 +34,15 @@ from spre_fx.masks import (
 needs_native = pytest.mark.skipif(_native.library() is None, reason=f"C mask kernels: {_native.backend()}")
 SETTINGS = settings(max_examples=60, deadline=None)
 FLOATS = [torch.float32, torch.float64]
+LAYOUTS = ["contiguous", "channels_last"]
+GROUP_KERNELS = [(3, 3), (1, 1), (2, 3)]
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def torch_nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M mask the torch code computes (what CUDA and half-precision weights run)."""
+    with _native.using(None):
+        return nm_mask(w, n, m)
 
 
 def rand_weight(shape, dtype, seed: int, ties: bool) -> torch.Tensor:
@@ -87,8 +95,7 @@ def test_nm_kernel_equals_torch(m, n_frac, o, groups, kernel, dtype, ties, nans,
     if nans:
         w.view(-1)[:: 5] = float("nan")
     w = relayout(w, layout)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w.contiguous(), n, m, expect)
+    expect = torch_nm_mask(w.contiguous(), n, m)
     out = relayout(torch.zeros(w.shape, dtype=torch.bool), out_layout)
     assert _native.nm_mask(w, n, m, out)
     assert torch.equal(out, expect)
@@ -116,6 +123,39 @@ def test_spatial_kernel_counts_what_magnitude_pruning_keeps(o, c, kernel, dtype,
     assert kept is not None and kept.dtype == torch.int64 and kept.shape == w.shape[2:]
     assert torch.equal(kept, magnitude_mask(w, rate).sum(dim=(0, 1)))
     assert torch.equal(spatial_mask(w, rate), spatial_sparsity(magnitude_mask(w, rate)) < rate)
+
+
+@needs_native
+@SETTINGS
+@given(
+    m=st.integers(2, 8),
+    n_frac=st.floats(0.0, 1.0),
+    shapes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3), st.sampled_from(GROUP_KERNELS)),
+                    min_size=1, max_size=2),
+    picks=st.lists(st.tuples(st.integers(0, 1), st.booleans(), st.sampled_from(LAYOUTS), SEEDS),
+                   min_size=1, max_size=5),
+    dtype=st.sampled_from(FLOATS),
+    rate=st.floats(0.01, 0.99),
+)
+def test_grouped_torch_masks_equal_the_kernels_layer_by_layer(m, n_frac, shapes, picks, dtype, rate):
+    """What CUDA runs (`nm_masks` / `spatial_masks` with the kernels off: layers of one shape
+    concatenated or stacked and ranked together) equals the C kernels run on each layer alone,
+    bit for bit: heavy ties, float32/64, contiguous and channels-last layers mixed in a group."""
+    from spre_fx.masks import nm_masks, spatial_masks
+
+    n = min(m - 1, 1 + int(n_frac * (m - 1)))
+    weights = []
+    for which, ties, layout, seed in picks:
+        o, groups, kernel = shapes[which % len(shapes)]
+        weights.append(relayout(rand_weight((o, groups * m, *kernel), dtype, seed, ties), layout))
+    nm_out = [torch.zeros(w.shape, dtype=torch.bool) for w in weights]
+    s_out = [torch.zeros(w.shape[2:], dtype=torch.bool) for w in weights]
+    with _native.using(None):
+        nm_masks(weights, n, m, nm_out)
+        spatial_masks(weights, rate, s_out)
+    for w, got_nm, got_s in zip(weights, nm_out, s_out):
+        assert torch.equal(got_nm, nm_mask(w, n, m))
+        assert torch.equal(got_s, spatial_mask(w, rate))
 
 
 @needs_native
@@ -208,8 +248,7 @@ def test_nm_kernel_on_contiguous_3x3_blocks_and_their_tail(m, n_frac, blocks, ta
     w = rand_weight((blocks * 16 + tail, m, 3, 3), torch.float32, seed, ties)  # one group per row
     if nans:
         w.view(-1)[:: 7] = float("nan")
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, n, m, expect)
+    expect = torch_nm_mask(w, n, m)
     assert torch.equal(nm_mask(w, n, m), expect)
 
 
@@ -223,8 +262,7 @@ def test_kernels_split_across_threads_like_one(threads, shape):
     torch.set_num_threads(threads)
     try:
         w = rand_weight(shape, torch.float32, seed=sum(shape), ties=False)
-        expect = torch.empty(w.shape, dtype=torch.bool)
-        _nm_mask_torch(w, 2, 4, expect)
+        expect = torch_nm_mask(w, 2, 4)
         assert torch.equal(nm_mask(w, 2, 4), expect)
         k = w.numel() // 2
         expect_kept = magnitude_mask(w, k / w.numel()).sum(dim=(0, 1))
@@ -332,8 +370,7 @@ def test_kernels_decline_what_they_do_not_cover():
 def test_without_a_compiler_masks_fall_back_to_torch_with_one_warning(monkeypatch, tmp_path):
     """A failing build warns once, says why in backend(), and the masks are unchanged."""
     w = torch.randn(8, 16, 3, 3)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, 2, 4, expect)
+    expect = torch_nm_mask(w, 2, 4)
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setenv("SPRE_FX_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
@@ -356,8 +393,7 @@ def test_another_build_of_the_source_runs_inside_its_block_only(monkeypatch, tmp
     shipped = _native.library()
     assert other is not shipped and list(tmp_path.glob("native/*.so"))
     w = rand_weight((8, 16, 3, 3), torch.float32, seed=3, ties=True)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, 2, 4, expect)
+    expect = torch_nm_mask(w, 2, 4)
     with _native.using(other):
         assert _native.library() is other
         assert torch.equal(nm_mask(w, 2, 4), expect)
@@ -498,8 +534,7 @@ def test_a_cached_library_that_does_not_load_is_rebuilt(monkeypatch, tmp_path):
         assert _native.backend() == "native"
     assert lib.read_bytes()[:4] == b"\x7fELF"
     w = torch.randn(8, 16, 3, 3)
-    expect = torch.empty(w.shape, dtype=torch.bool)
-    _nm_mask_torch(w, 2, 4, expect)
+    expect = torch_nm_mask(w, 2, 4)
     assert torch.equal(nm_mask(w, 2, 4), expect)
 
 

@@ -10,6 +10,7 @@ Everything spre_fx adds besides its buffers lives in one attribute, `layer.spre_
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..masks import nm_mask, pruned_indicator, srste_pruned
+from ..masks import nm_mask, nm_masks, pruned_indicator, srste_pruned
 from ..module_tree import adopt
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "effective_weight",
     "masks_of",
     "freeze_masks",
+    "update_layer_masks",
+    "scheduled_updates",
+    "write_nm_masks",
 ]
 
 # The tensors and children spre_fx adds to an adopted module; `to_original` removes them again.
@@ -73,12 +77,22 @@ class LayerState:
 
 @dataclass(frozen=True)
 class MaskStep:
-    """What one scheduled mask update changed in a layer (`NMLayer.scheduled_update`)."""
+    """What one scheduled mask update changed in a layer (`scheduled_updates`).
 
-    nm_flips: int
+    Counts are 0-dim int64 tensors on the masks' device (a plain 0 where nothing moved), so
+    tracking them makes the host wait for nothing; `sparsity` reads one back.
+    """
+
+    nm_flips: Tensor | int
     nm_total: int
-    spatial_changes: int
-    sparsity: float
+    spatial_changes: Tensor | int
+    nm_kept: Tensor
+    numel: int
+
+    @property
+    def sparsity(self) -> float:
+        """Share of the N:M mask that is pruned (1 − kept/numel); reads the count (a sync on GPU)."""
+        return 1.0 - int(self.nm_kept) / self.numel
 
 
 def weight_key(weight: Tensor) -> tuple[int, int, int]:
@@ -156,24 +170,24 @@ class NMLayer:
             return {name: getattr(self, name) for name in self.mask_names}
         return self.masks_from_weight()
 
-    @torch.no_grad()
     def update_masks(self, which: tuple[str, ...] | None = None) -> None:
         """Recompute the masks named in `which` (default: all) from the dense latent weight, in
         place; during a dense warm-up the N:M mask stays all-ones."""
-        names = self.mask_names if which is None else tuple(which)
-        for name in names:
-            if name not in self.mask_names:
-                raise ValueError(f"{type(self).__name__} has no mask {name!r}; it has {self.mask_names}")
-            if name == "nm_mask" and self.spre_fx.dense_warmup:
-                self.nm_mask.fill_(True)
-            else:
-                self.write_mask(name)
-        complete = set(names) == set(self.mask_names) and not self.spre_fx.dense_warmup
-        self.spre_fx.mask_key = weight_key(self.weight) if complete else None
+        update_layer_masks([(self, which)])
 
     def write_mask(self, name: str) -> None:
         """Recompute mask `name` from the current weight into its buffer (no warm-up rule)."""
         nm_mask(self.weight, *self.spre_fx.nm, out=self.nm_mask)
+
+    @classmethod
+    def write_masks(cls, layers: Sequence[NMLayer], name: str) -> None:
+        """`layer.write_mask(name)` for each of `layers` (instances of `cls`), in grouped calls
+        where the mask is spre_fx's own; a subclass overriding `write_mask` gets it called."""
+        if name == "nm_mask" and cls.write_mask is NMLayer.write_mask:
+            write_nm_masks(layers)
+        else:
+            for layer in layers:
+                layer.write_mask(name)
 
     def sync_masks(self) -> None:
         """Bring the stored masks up to date with the weight, unless they are held (what every
@@ -210,26 +224,10 @@ class NMLayer:
             state.mask_key = None
         state.dense_warmup = dense
 
-    @torch.no_grad()
     def scheduled_update(self, nm: bool, spatial: bool, *, track: bool = False) -> MaskStep | None:
         """One scheduled update: recompute the N:M mask (`nm`, which ends a dense warm-up) and the
         spatial one (`spatial`, SpRe layers), unless frozen. With `track`, what changed."""
-        which = tuple(n for n, move in (("nm_mask", nm), ("spatial_mask", spatial))
-                      if move and n in self.mask_names)
-        if self.spre_fx.frozen:
-            which = ()
-        elif nm:
-            self.set_dense_warmup(False)
-        old = {k: getattr(self, k).clone() for k in which} if track else {}
-        if which:
-            self.update_masks(which)
-        if not track:
-            return None
-        flips = int((old["nm_mask"] != self.nm_mask).sum()) if "nm_mask" in old else 0
-        spatial_changes = (int((old["spatial_mask"] != self.spatial_mask).sum())
-                           if "spatial_mask" in old else 0)
-        total = self.nm_mask.numel() if "nm_mask" in old else 0
-        return MaskStep(flips, total, spatial_changes, 1.0 - float(self.nm_mask.float().mean()))
+        return scheduled_updates([self], nm, spatial, track=track)[0]
 
     def detach_schedule(self, freeze: bool) -> None:
         """The scheduler lets go: the masks in force stay frozen (`freeze`, when the schedule fixed
@@ -317,6 +315,65 @@ def freeze_masks(model: nn.Module, frozen: bool = True) -> nn.Module:
         if isinstance(m, NMLayer):
             m.freeze_masks(frozen)
     return model
+
+
+def write_nm_masks(layers: Sequence[NMLayer]) -> None:
+    """Each layer's N:M mask from its current weight into its buffer (`masks.nm_masks`: layers of
+    one weight shape in one set of calls on the torch path)."""
+    by_nm: dict[tuple[int, int], list[NMLayer]] = {}
+    for layer in layers:
+        by_nm.setdefault(layer.spre_fx.nm, []).append(layer)
+    for (n, m), group in by_nm.items():
+        nm_masks([layer.weight for layer in group], n, m, [layer.nm_mask for layer in group])
+
+
+@torch.no_grad()
+def update_layer_masks(requests: Iterable[tuple[NMLayer, tuple[str, ...] | None]]) -> None:
+    """`layer.update_masks(which)` for every `(layer, which)`, the masks of one kind and layer
+    class computed together (`write_masks`): a few calls per weight shape, not a dozen per layer."""
+    requests = list(requests)
+    jobs: dict[tuple[type, str], list[NMLayer]] = {}
+    for layer, which in requests:
+        for name in layer.mask_names if which is None else tuple(which):
+            if name not in layer.mask_names:
+                raise ValueError(f"{type(layer).__name__} has no mask {name!r}; it has {layer.mask_names}")
+            if name == "nm_mask" and layer.spre_fx.dense_warmup:
+                layer.nm_mask.fill_(True)
+            else:
+                jobs.setdefault((type(layer), name), []).append(layer)
+    for (cls, name), layers in jobs.items():
+        cls.write_masks(layers, name)
+    for layer, which in requests:
+        names = layer.mask_names if which is None else tuple(which)
+        complete = set(names) == set(layer.mask_names) and not layer.spre_fx.dense_warmup
+        layer.spre_fx.mask_key = weight_key(layer.weight) if complete else None
+
+
+@torch.no_grad()
+def scheduled_updates(layers: Sequence[NMLayer], nm: bool, spatial: bool, *,
+                      track: bool = False) -> list[MaskStep | None]:
+    """`layer.scheduled_update(nm, spatial, track=track)` for every layer, in grouped calls
+    (`update_layer_masks`). What changed (`track`) stays in tensors: nothing is read back."""
+    requests = []
+    for layer in layers:
+        which = tuple(n for n, move in (("nm_mask", nm), ("spatial_mask", spatial))
+                      if move and n in layer.mask_names)
+        if layer.spre_fx.frozen:
+            which = ()
+        elif nm:
+            layer.set_dense_warmup(False)
+        requests.append((layer, which))
+    old = [{k: getattr(layer, k).clone() for k in which} if track else {} for layer, which in requests]
+    update_layer_masks((layer, which) for layer, which in requests if which)
+    if not track:
+        return [None] * len(requests)
+    steps = []
+    for (layer, _), before in zip(requests, old):
+        changed = {k: torch.ne(v, getattr(layer, k)).sum() for k, v in before.items()}
+        total = layer.nm_mask.numel() if "nm_mask" in before else 0
+        steps.append(MaskStep(changed.get("nm_mask", 0), total, changed.get("spatial_mask", 0),
+                              layer.nm_mask.sum(), layer.nm_mask.numel()))
+    return steps
 
 
 class _NMConv(NMLayer):

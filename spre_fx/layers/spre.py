@@ -10,6 +10,7 @@ activation). `convert` collapses the pair into one N:M conv (docs/method.md §4)
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..masks import spatial_hint, spatial_mask
+from ..masks import spatial_hint, spatial_mask, spatial_masks
 from ..module_tree import adopt
 from ..registry import NormSpec
-from .nm import STATE, NMLayer
+from .nm import STATE, NMLayer, write_nm_masks
 from .tapconv import tap_conv2d
 
 __all__ = [
@@ -94,12 +95,29 @@ class SpReConv2d(NMLayer, nn.Conv2d):
         else:
             super().write_mask(name)
 
+    @classmethod
+    def write_masks(cls, layers: Sequence[SpReConv2d], name: str) -> None:
+        """Both masks of many layers in grouped calls (`masks.nm_masks`, `masks.spatial_masks`),
+        unless a subclass computes them its own way (`write_mask`, `spatial_from_weight`)."""
+        if cls.write_mask is not SpReConv2d.write_mask:
+            super().write_masks(layers, name)
+        elif name == "nm_mask":
+            write_nm_masks(layers)
+        elif cls.spatial_from_weight is not SpReConv2d.spatial_from_weight:
+            for layer in layers:
+                layer.write_mask(name)
+        else:
+            by_rate: dict[float, list[SpReConv2d]] = {}
+            for layer in layers:
+                by_rate.setdefault(_spatial_rate(layer), []).append(layer)
+            for rate, group in by_rate.items():
+                weights = [layer.weight for layer in group]
+                outs = [layer.spatial_mask for layer in group]
+                spatial_masks(weights, rate, outs, hints=[_spatial_hint(layer) for layer in group])
+
     def spatial_from_weight(self) -> Tensor:
         """S from the dense latent weight: unstructured pruning at the N:M rate 1 − N/M (method.md §3)."""
-        caches = self.spre_fx.caches
-        if "spatial_hint" not in caches:  # a copy starts without one (speed only: any value, same S)
-            caches["spatial_hint"] = spatial_hint()
-        return spatial_mask(self.weight, 1.0 - self.spre_fx.n / self.spre_fx.m, caches["spatial_hint"])
+        return spatial_mask(self.weight, _spatial_rate(self), _spatial_hint(self))
 
     def _rep_mask(self, out: Tensor | None = None) -> Tensor:
         """M_nm ⊙ S in the branch weight's dtype (into `out`, the old one, when given): the bool M
@@ -117,6 +135,19 @@ class SpReConv2d(NMLayer, nn.Conv2d):
         rep = tap_conv2d(input, self.weight_rep * rep_mask, self.spatial_mask, self.stride, self.padding,
                          self.dilation, self.groups, self.padding_mode)
         return SpReBranches(main, rep)
+
+
+def _spatial_rate(layer: SpReConv2d) -> float:
+    """The unstructured pruning rate S is computed at: the N:M rate 1 − N/M (method.md §3)."""
+    return 1.0 - layer.spre_fx.n / layer.spre_fx.m
+
+
+def _spatial_hint(layer: SpReConv2d) -> Tensor:
+    """The layer's hint for the spatial mask kernel (speed only: any value gives the same S)."""
+    caches = layer.spre_fx.caches
+    if "spatial_hint" not in caches:  # a copy starts without one
+        caches["spatial_hint"] = spatial_hint()
+    return caches["spatial_hint"]
 
 
 def _norm_ref(bn: _BatchNorm) -> Tensor | None:
