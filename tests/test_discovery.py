@@ -235,7 +235,7 @@ def test_timm_batchnorm_act_sums_branches_before_activation():
                                      bn.bias, False, 0.0, bn.eps) + bn.rep(branches.rep))
     torch.testing.assert_close(p(x), manual)
     c = spre_fx.convert(p)
-    assert isinstance(c[2].act, nn.ReLU)
+    assert isinstance(c[2], spre_fx.FoldedBatchNorm) and isinstance(c[2].post.act, nn.ReLU)
     spre_fx.verify(p, c, x)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import spre_fx
-from spre_fx.masks import is_nm, nm_violations
+from spre_fx.masks import is_nm
 
 from .nets import TinyNet, tiny_input, train_steps
 from .test_roundtrip import _randomise_norms
@@ -121,14 +121,11 @@ def test_timm_reparameterize_model_on_a_converted_model(arch):
     assert (y_fused - y).abs().max() <= 1e-10 * y.abs().max()
 
 
-def _violating_groups(model: nn.Module) -> tuple[int, int]:
-    """(groups breaking 2:4, groups) over the convs whose in-channels per group divide by 4."""
-    bad = total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.weight.shape[1] % 4 == 0:
-            bad += nm_violations(m.weight, 2, 4)
-            total += m.weight.numel() // 4
-    return bad, total
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_repvgg_summed_branches_break_2_4_reparameterize_first_keeps_it():
@@ -140,7 +137,7 @@ def test_repvgg_summed_branches_break_2_4_reparameterize_first_keeps_it():
     torch.manual_seed(0)
     model = timm.create_model("repvgg_a0", num_classes=10).eval()
     summed = reparameterize_model(spre_fx.convert(spre_fx.prepare(model).eval(), keep_norms=True))
-    bad, total = _violating_groups(summed)
+    bad, total = _benchmark("reparam_nm").broken_groups(summed)  # what docs/deploy.md's table counts
     assert bad > 0.01 * total  # measured: 9.3 %
 
     # The snippet of docs/deploy.md
@@ -149,8 +146,8 @@ def test_repvgg_summed_branches_break_2_4_reparameterize_first_keeps_it():
     assert spre_fx.report(prepared).count("spre") == 0 and spre_fx.report(prepared).count("nm") > 0
     x = torch.randn(2, 3, 32, 32)
     deployed = spre_fx.convert(prepared.eval())
-    spre_fx.verify(prepared, deployed, x)            # equal, and every N:M layer is 2:4
-    assert _violating_groups(deployed)[0] == 0
+    result = spre_fx.verify(prepared, deployed, x)   # equal, and every N:M layer is 2:4
+    assert result.nm_violations and not any(result.nm_violations.values())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
@@ -188,9 +185,6 @@ def test_ultralytics_fuse_runs_on_a_converted_yolov8n(monkeypatch):
 
 def test_folded_norms_benchmark_runs():
     pytest.importorskip("torchvision", reason="the benchmark builds a torchvision model")
-    spec = importlib.util.spec_from_file_location("folded_norms", ROOT / "benchmarks" / "folded_norms.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    ratios = bench.main(["--model", "resnet18", "--batch", "1", "--size", "32", "--rounds", "1",
-                         "--threads", "1"])
+    argv = ["--model", "resnet18", "--batch", "1", "--size", "32", "--rounds", "1", "--threads", "1"]
+    ratios = _benchmark("folded_norms").main(argv)
     assert set(ratios) == {"default", "identity", "keep_norms", "batchnorm"} and ratios["default"] == 1.0
