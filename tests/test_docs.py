@@ -141,6 +141,7 @@ def test_the_docs_mark_their_snippets_as_tested():
     assert {"deploy.md", "training.md"} <= pages, pages
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("page", "line", "code"), _tested_blocks())
 def test_tested_snippets_run(page: Path, line: int, code: str, tmp_path, monkeypatch):
     for package in ("torchvision", "timm"):
