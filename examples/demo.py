@@ -3,8 +3,9 @@
 The data are a fixed random tensor dataset with a learnable signal: each class adds its own
 smooth mean pattern to Gaussian noise, so the loss visibly falls within a few SGD steps.
 About 25 s on 2 otherwise idle CPU cores (torch 2.14.1); longer when the cores are shared.
+(`make demo` runs examples/digits.py, the method comparison on real digits; this script is the
+quick end-to-end check, run by hand:)
 
-    make demo
     PYTHONPATH=. .venv/bin/python examples/demo.py --steps 20 --batch 16 --size 64
 """
 

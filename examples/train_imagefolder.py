@@ -10,7 +10,8 @@ after a linear warm-up, label smoothing 0.1, weight decay 1e-4, from scratch. Th
 
 Each epoch ends with `checkpoint.pt` (model, optimizer, LR schedule and mask scheduler state,
 loadable with `torch.load(..., weights_only=True)`); the run ends with `deployed.pt`, the
-converted model (SpRe branches and BatchNorms folded, exactly N:M), rebuilt by `load_deployed`.
+converted model (SpRe branches and BatchNorms folded, exactly N:M), rebuilt by `load_deployed`
+from a freshly built torchvision model with `spre_fx.deployed_like` (no prepare, no training code).
 """
 
 from __future__ import annotations
@@ -86,12 +87,11 @@ def build(arch: str, num_classes: int, nm: tuple[int, int], spre: bool) -> nn.Mo
 
 
 def load_deployed(path: str | Path, map_location: str = "cpu") -> nn.Module:
-    """Rebuild the deployed model saved by this script (architecture from the file, then weights)."""
+    """Rebuild the deployed model saved by this script: the torchvision model as built (no
+    prepare), turned into its deployed form by `spre_fx.deployed_like` with the saved weights."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    prepared = build(ckpt["arch"], len(ckpt["classes"]), tuple(ckpt["nm"]), ckpt["spre"])
-    model = spre_fx.convert(prepared.eval())
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    model = torchvision.models.get_model(ckpt["arch"], weights=None, num_classes=len(ckpt["classes"]))
+    return spre_fx.deployed_like(model, ckpt["model"], nm=tuple(ckpt["nm"])).eval()
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):

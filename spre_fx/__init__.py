@@ -2,6 +2,7 @@
 
     model = spre_fx.prepare(model, nm=(2, 4))     # train this
     deployed = spre_fx.convert(model)            # single N:M convs, exact in eval mode
+    same = spre_fx.deployed_like(build_model(), deployed.state_dict())   # rebuilt, no prepare
     print(spre_fx.report(deployed))
     sparse = spre_fx.convert(model.half().cuda(), backend="semi_structured")  # 2:4 kernels, CUDA
     spre_fx.export_onnx(deployed, x, "model.onnx")   # then TensorRT: docs/deploy.md
@@ -12,8 +13,9 @@ and verification (`report`, `verify`).
 """
 
 from .calibration import recalibrate_bn
+from .collapse import FoldedBatchNorm
 from .config import SpReConfig
-from .conversion import convert
+from .conversion import convert, deployed_like
 from .deploy import (
     Advice,
     FlopEstimate,
@@ -51,6 +53,8 @@ __all__ = [
     "Treatment",
     # convert, deploy
     "convert",
+    "deployed_like",
+    "FoldedBatchNorm",
     "to_semi_structured",
     "advise",
     "Advice",

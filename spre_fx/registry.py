@@ -71,7 +71,8 @@ class NormSpec:
 
     post: applied to the *sum* of the two SpRe branches (e.g. timm's BatchNormAct2d runs its
         dropout and activation there), `post(module, y) -> y`.
-    after_fold: what replaces the module once its affine part is folded into the conv.
+    after_fold: what runs after the normalisation once it is folded into the conv (`convert`
+        puts it inside the `FoldedBatchNorm` that replaces the module; an `nn.Identity`: nothing).
     frozen: the norm never trains (torchvision's FrozenBatchNorm2d): folded at convert, but its
         conv gets plain N:M, since SpRe's branch needs a BatchNorm that trains.
     """

@@ -134,7 +134,7 @@ def test_frozen_norms_and_weights_fold_exactly_without_branch(net, dtype, seed):
         norm, lp = modules.get(norm_name), plan[name]
         if isinstance(norm, FrozenBatchNorm2d):
             assert lp.norm == norm_name, (name, lp.reason)  # dense convs (depthwise) are folded too
-            assert isinstance(converted[norm_name], nn.Identity), "FrozenBatchNorm2d not folded"
+            assert isinstance(converted[norm_name], spre_fx.FoldedBatchNorm), "FrozenBatchNorm2d not folded"
         frozen_norm = isinstance(norm, FrozenBatchNorm2d) or (
             isinstance(norm, nn.BatchNorm2d) and norm.affine and not norm.weight.requires_grad)
         if not m.weight.requires_grad or frozen_norm:

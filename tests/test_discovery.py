@@ -235,7 +235,7 @@ def test_timm_batchnorm_act_sums_branches_before_activation():
                                      bn.bias, False, 0.0, bn.eps) + bn.rep(branches.rep))
     torch.testing.assert_close(p(x), manual)
     c = spre_fx.convert(p)
-    assert isinstance(c[2].act, nn.ReLU)
+    assert isinstance(c[2], spre_fx.FoldedBatchNorm) and isinstance(c[2].post.act, nn.ReLU)
     spre_fx.verify(p, c, x)
 
 
@@ -579,7 +579,7 @@ def test_spre_branch_only_where_conv_and_batchnorm_train(eps):
     p.eval()
     c = spre_fx.convert(p)
     assert spre_fx.verify(p, c, x).output_error <= 1e-10
-    assert all(isinstance(n, nn.Identity) for n in c.norms)  # FrozenBatchNorm2d folded as well
+    assert all(isinstance(n, spre_fx.FoldedBatchNorm) for n in c.norms)  # FrozenBatchNorm2d folded too
     assert all(plan(model, spre=False)[n].reason == "spre=False: plain N:M (SR-STE)" for n in expected)
 
 
