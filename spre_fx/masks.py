@@ -283,7 +283,8 @@ class _SRSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, pruned: Tensor, decay: float) -> Tensor:
-        ctx.save_for_backward(weight, pruned)
+        if decay:  # λ = 0 (a MaskScheduler adds the decay at the step) needs nothing saved
+            ctx.save_for_backward(weight, pruned)
         ctx.decay = decay
         return torch.addcmul(weight, weight, pruned, value=-1)
 

@@ -1,8 +1,10 @@
 """Mask scheduling: when the N:M and spatial masks move, driven by the optimizer's own steps.
 
-The scheduler attaches through `Optimizer.register_step_post_hook`, so it sees exactly the steps
-that happen: a step skipped by `torch.amp.GradScaler` or held back by gradient accumulation
-changes no mask. Masks live in module buffers, so a model checkpoint holds them.
+The scheduler attaches through the optimizer's step hooks, so it sees exactly the steps that
+happen: a step skipped by `torch.amp.GradScaler` or held back by gradient accumulation changes no
+mask. The pre-step hook adds SR-STE's decay λ(1 − M) ⊙ W to the gradient once per step, unscaled
+(docs/method.md §1); the post-step hook moves the masks. Masks live in module buffers, so a model
+checkpoint holds them.
 """
 
 from __future__ import annotations
@@ -91,9 +93,11 @@ class MaskScheduler:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = spre_fx.MaskScheduler(model, opt, warmup_steps=100)
 
-    While attached, the layers' forwards leave their masks alone (`scheduled`). `stats` holds the last
-    step's statistics when `track_stats=True`: they stay tensors on the model's device until read,
-    then one copy brings them all to the host. `state_dict()` / `load_state_dict()` resume.
+    While attached, the layers' forwards leave their masks alone (`scheduled`) and their backwards add
+    no decay: the scheduler adds λ(1 − M) ⊙ W to each weight's gradient inside `step()`, once per
+    step, after a GradScaler unscaled it and after gradient clipping. `stats` holds the last step's
+    statistics when `track_stats=True`: they stay tensors on the model's device until read, then one
+    copy brings them all to the host. `state_dict()` / `load_state_dict()` resume.
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, schedule: MaskSchedule | None = None,
@@ -112,10 +116,38 @@ class MaskScheduler:
             m.attach_schedule()  # the scheduler holds the masks in force, not stale buffers
         self._set_warmup(self.schedule.warmup_steps > 0)
         self._apply_decay()
-        self._handle = self.optimizer.register_step_post_hook(self._after_step)
+        self._handles = (self.optimizer.register_step_pre_hook(self._add_decay),
+                         self.optimizer.register_step_post_hook(self._after_step))
 
     # ------------------------------------------------------------------ hooks
+    @torch.no_grad()
+    def _add_decay(self, optimizer, args, kwargs) -> None:
+        """SR-STE's decay, once per step: grad += λ (1 − M) ⊙ W on every layer that has a gradient.
+
+        Runs inside `step()`. A GradScaler has unscaled a plain (or foreach) optimizer's gradients
+        by then, and does not call `step()` on inf/NaN; a fused optimizer gets the scale as
+        `optimizer.grad_scale` and unscales in its kernel, so the term is scaled by it here (a power
+        of two: exact), and a step its kernel skips (`optimizer.found_inf`) applies none of it.
+        """
+        groups: dict[float, tuple[list, list, list]] = {}
+        for m in self.layers.values():
+            grad, decay = m.weight.grad, m.spre_fx.decay
+            if grad is None or not decay:
+                continue
+            grads, weights, pruned = groups.setdefault(decay, ([], [], []))
+            grads.append(grad)
+            weights.append(m.weight.detach())
+            pruned.append(m.pruned())
+        scale = getattr(optimizer, "grad_scale", None)
+        for decay, (grads, weights, pruned) in groups.items():
+            if scale is not None:
+                weights = torch._foreach_mul(weights, scale)
+            torch._foreach_addcmul_(grads, weights, pruned, value=decay)
+
     def _after_step(self, optimizer, args, kwargs) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return  # a fused optimizer's kernel skipped this step for a GradScaler: no step (one sync)
         self.step += 1
         s = self.schedule
         move_nm = s.updates(self.step, s.nm_interval, s.nm_freeze_after)
@@ -182,7 +214,8 @@ class MaskScheduler:
         """Detach from the optimizer. Layers whose masks the schedule has fixed for good (every
         kind past its `*_freeze_after`) keep them frozen, as the schedule says, through eval,
         copies and convert; the others go back to following their weights."""
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         s = self.schedule
         nm_done, spatial_done = self._settled(s.nm_freeze_after), self._settled(s.spatial_freeze_after)
         partly = []

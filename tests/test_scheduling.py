@@ -287,3 +287,39 @@ def test_remove_with_only_some_masks_frozen_warns_and_releases():
     with pytest.warns(UserWarning, match="fixed only some masks"):
         sched.remove()
     assert not model[1].spre_fx.frozen
+
+
+def test_decay_is_added_after_clipping_and_in_backward_again_after_remove():
+    """With a scheduler the decay enters inside step(), after the user clipped the gradient: a clip
+    to norm 0 leaves exactly −lr·λ·(1 − M)⊙W. Once removed, the layers' backward adds it again."""
+    import copy
+
+    lam, lr = 0.05, 0.1
+    p = spre_fx.prepare(small_net(), decay=lam)
+    opt = torch.optim.SGD(p.parameters(), lr=lr)
+    sched = spre_fx.MaskScheduler(p, opt)
+    conv, x = p[1].conv1, tiny_input()
+    w, pruned = conv.weight.detach().clone(), ~conv.nm_mask
+    opt.zero_grad()
+    loss_of(p, x).backward()
+    torch.nn.utils.clip_grad_norm_(p.parameters(), 0.0)  # the loss's gradient, all of it, gone
+    assert not conv.weight.grad.any()
+    opt.step()
+    step = conv.weight.detach() - w
+    assert torch.allclose(step, -lr * lam * pruned * w, rtol=0, atol=4e-7 * float(w.abs().max()))
+    assert (step[pruned] != 0).all() and not step[~pruned].any()
+
+    sched.remove()
+    twin = copy.deepcopy(p)
+    for m in twin.modules():
+        if hasattr(m, "nm_mask"):
+            m.spre_fx.decay = 0.0
+    for net in (p, twin):
+        net.zero_grad()
+        loss_of(net, x).backward()
+    w, pruned = conv.weight.detach(), (~conv.nm_mask).float()
+    assert torch.equal(conv.nm_mask, twin[1].conv1.nm_mask)
+    g0 = twin[1].conv1.weight.grad
+    expected = g0 + lam * pruned * w
+    tol = 4e-7 * float((g0.abs() + lam * w.abs()).max())
+    assert torch.allclose(conv.weight.grad, expected, rtol=0, atol=tol)

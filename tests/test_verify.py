@@ -8,7 +8,7 @@ from torch import nn
 
 import spre_fx
 
-from .nets import conv_bn, tiny_input, train_steps
+from .nets import Block, conv_bn, tiny_input, train_steps
 
 
 class ConvTwice(nn.Module):
@@ -154,3 +154,98 @@ def test_verify_a_model_whose_train_returns_none():
     model.eval()
     result = spre_fx.verify(model, spre_fx.convert(model), torch.randn(2, 3, 8, 8))
     assert set(result.layer_errors) == {"0", "2"}
+
+
+# --------------------------------------------------------------------------- reduced precision
+def _deep_net(width: int = 16, blocks: int = 6) -> nn.Module:
+    """Residual blocks enough for bfloat16 rounding to add up past 1e-2 at the output."""
+    return nn.Sequential(conv_bn(3, width), *[Block(width) for _ in range(blocks)], nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(width, 10))
+
+
+@pytest.fixture(scope="module")
+def deep_prepared():
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    p, _ = _prepared_and_converted(_deep_net(), x)
+    return p, x
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "autocast-bfloat16"])
+def test_reduced_precision_conversion_passes_and_a_corrupted_one_fails(deep_prepared, precision):
+    """A correct conversion in bfloat16/float16 passes (measured against the float32 run of the
+    prepared model), and one layer whose folded weight is off by 25% fails, named."""
+    import copy
+
+    p, x = deep_prepared
+    autocast = precision.startswith("autocast")
+    dtype = getattr(torch, precision.removeprefix("autocast-"))
+    prepared = p if autocast else copy.deepcopy(p).to(dtype)
+    converted = spre_fx.convert(prepared)
+    x = x if autocast else x.to(dtype)
+
+    def check(model):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            return spre_fx.verify(prepared, model, x)
+
+    result = check(converted)
+    assert result.precision == precision.removeprefix("autocast-")
+    assert result.tolerance == torch.finfo(dtype).eps
+    assert result.prepared_output_error > 0  # the prepared model itself rounds: what the bound scales by
+    assert set(result.prepared_errors) == set(result.layer_errors)
+    wrong = copy.deepcopy(converted)
+    with torch.no_grad():
+        wrong[3].conv1.weight.mul_(1.25)  # a fold that got one layer's scale wrong
+    with pytest.raises(spre_fx.VerificationError, match=r"layer '3.bn1': relative error .* the float32"):
+        check(wrong)
+
+
+def test_verify_checks_n_m_of_packed_semi_structured_weights(monkeypatch):
+    """A `backend="semi_structured"` model: N:M is read from the packed weights (`to_dense()`), no
+    `ne.Scalar` crash. On the CPU the packing is torch's own CUTLASS format (its Python packer);
+    only the sparse matmul is replaced, by one on the unpacked weight (the CUTLASS kernel is
+    CUDA-only: what it computes is for benchmarks/gpu_check.py on a GPU to prove)."""
+    conversions = pytest.importorskip("torch.sparse._semi_structured_conversions")
+    from torch.nn import functional as F
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS as Cutlass
+
+    from spre_fx.deploy import backend
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = conv_bn(3, 32)
+            self.down = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)  # GEMM 64 x 288
+            self.bn = nn.BatchNorm2d(64)
+            self.fc = nn.Linear(64, 256)  # GEMM 256 x 64
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn(self.down(self.stem(x)))).mean((2, 3)))
+
+    def pack(cls, weight):
+        packed, meta = conversions.sparse_semi_structured_from_dense_cutlass(weight)
+        return Cutlass(weight.shape, packed, meta, None, None, None)
+
+    monkeypatch.setattr(backend, "_require_cuda", lambda model: None)
+    monkeypatch.setattr(backend, "capability", lambda model: None)
+    monkeypatch.setattr(backend, "_sparse_from_dense", pack)
+    x = torch.randn(2, 3, 12, 12)
+    torch.manual_seed(0)
+    p = spre_fx.prepare(Net(), nm=(1, 4))  # 1:4 runs on the 2:4 kernels, which can pack a 2:4 group too
+    train_steps(p, x)
+    p = p.eval().half()
+    dense = spre_fx.convert(p)
+    with pytest.warns(UserWarning, match="prototype"):
+        sparse = spre_fx.to_semi_structured(dense)
+    assert type(sparse.fc.weight) is Cutlass and type(sparse.down.weight) is Cutlass
+    with pytest.raises(NotImplementedError):
+        sparse.fc.weight != 0  # what the N:M check crashed on  # noqa: B015
+    monkeypatch.setitem(Cutlass.SPARSE_DISPATCH, torch.ops.aten.t,
+                        lambda func, types, args, kwargs: args[0].to_dense().t())
+    result = spre_fx.verify(p, sparse, x.half())
+    assert result.nm_violations == {"down": 0, "fc": 0}
+    with torch.no_grad():  # one group of 4 with 2 non-zeros: packable as 2:4, and not 1:4
+        bad = dense.fc.weight.clone()
+        bad[0, :2] = 1.0
+        sparse.fc.weight = nn.Parameter(pack(None, bad), requires_grad=False)
+    with pytest.raises(spre_fx.VerificationError, match="layer 'fc': 1 groups break 1:4"):
+        spre_fx.verify(p, sparse, x.half())

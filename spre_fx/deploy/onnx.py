@@ -7,6 +7,7 @@ onnxruntime's outputs with PyTorch's. docs/deploy.md has the TensorRT story.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compare import relative_error
+from ..compare import flat_tensors, relative_error
 from ..masks import is_nm
 from ..module_tree import modes_restored
 from ..plan import Treatment, plan_of
@@ -129,6 +130,31 @@ def _match(candidates: list, used: set[int], name: str, ref) -> tuple[int, str] 
     return None
 
 
+def _check_exportable_dtypes(converted: nn.Module, example_inputs: Any) -> None:
+    """Raise ValueError, before anything is exported, when the model or its inputs are bfloat16."""
+    tensors = [*converted.parameters(), *converted.buffers(), *flat_tensors(example_inputs)]
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        raise ValueError(
+            "export_onnx needs a float32 or float16 model and inputs, found bfloat16 (numpy, which reads "
+            "the exported weights, and onnxruntime's CPU kernels, which check the outputs, have no "
+            "bfloat16): export a copy, e.g. export_onnx(copy.deepcopy(converted).half(), x.half(), path); "
+            "trtexec --fp16 builds the same engine from it"
+        )
+
+
+def _float16_rounding(converted: nn.Module, args: tuple, out: Any) -> tuple[float, Any]:
+    """(PyTorch's own error, the exact output) for the ONNX check: a float16 model is measured
+    against its float32 copy, as `verify` measures reduced precision (0.0 and `out` otherwise)."""
+    if not any(p.dtype == torch.float16 for p in converted.parameters()):
+        return 0.0, out
+    exact_model = copy.deepcopy(converted).float()
+    exact_model.eval()
+    with torch.no_grad():
+        exact = exact_model(*(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a
+                              for a in args))
+    return relative_error(exact, out), exact
+
+
 def export_onnx(
     converted: nn.Module,
     example_inputs: Tensor | tuple,
@@ -145,10 +171,15 @@ def export_onnx(
     needs onnxscript; False: the TorchScript one) and `export_kwargs` passed through. Then:
     every N:M layer's Conv/Gemm/MatMul weight is found in the graph and must still be N:M in the
     layout TensorRT reads (ValueError otherwise); with `check_outputs` and onnxruntime installed,
-    the ONNX outputs must equal PyTorch's (max error relative to the largest output <= rtol).
-    `result.trtexec` is the TensorRT build command.
+    the ONNX outputs must equal PyTorch's (max error relative to the largest output <= rtol; for
+    a float16 model both are measured against its float32 copy, and onnxruntime may be twice as far
+    from it as PyTorch is, plus rtol).
+    `result.trtexec` is the TensorRT build command. float32 and float16 models export; a bfloat16
+    one is refused before exporting (numpy, which reads the graph's weights, and onnxruntime's CPU
+    kernels, which check its outputs, have no bfloat16): export a float16 or float32 copy.
     """
     plan = plan_of(converted, stage="converted")
+    _check_exportable_dtypes(converted, example_inputs)
     if has_sparse_kernels(converted):
         raise ValueError(
             "this model runs on semi-structured kernels, which ONNX cannot hold: export the dense "
@@ -177,9 +208,12 @@ def export_onnx(
             session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             feeds = [t for t in args if isinstance(t, Tensor)]
             inputs = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), feeds)}
-            got = session.run(None, inputs)
-            error = relative_error(ref, [torch.from_numpy(g) for g in got])
-            if error > rtol:
+            got = [torch.from_numpy(g) for g in session.run(None, inputs)]
+            own, exact = _float16_rounding(converted, args, ref)
+            error = relative_error(exact, got)
+            if error > 2 * own + rtol:
+                bound = (f"{2 * own + rtol:.3g} (2 × PyTorch's {own:.3g} + {rtol:g})" if own
+                         else f"{rtol:g}")
                 raise ValueError(
-                    f"onnxruntime output differs from PyTorch: relative error {error:.3g} > {rtol:g}")
+                    f"onnxruntime output differs from PyTorch: relative error {error:.3g} > {bound}")
     return OnnxExport(path, plan.config.nm, weights, error)

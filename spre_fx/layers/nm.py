@@ -274,12 +274,20 @@ class NMLayer:
             caches[name] = entry
         return entry[2]
 
+    def pruned(self) -> Tensor:
+        """P = 1 − M_nm in the weight's dtype (no gradient), cached until the N:M mask moves."""
+        return self.cached("pruned", (self.nm_mask,),
+                           lambda out: pruned_indicator(self.nm_mask, self.weight.dtype, out=out))
+
     def masked_weight(self) -> Tensor:
-        """The weight this layer computes with: N:M-masked, with SR-STE's gradient."""
+        """The weight this layer computes with: N:M-masked, with SR-STE's gradient.
+
+        The decay λ P ⊙ W enters in backward only while no `MaskScheduler` drives the layer: a
+        scheduler adds it once per optimizer step, to the unscaled gradient (docs/method.md §1).
+        """
         self.sync_masks()
-        pruned = self.cached("pruned", (self.nm_mask,),
-                             lambda out: pruned_indicator(self.nm_mask, self.weight.dtype, out=out))
-        return srste_pruned(self.weight, pruned, self.spre_fx.decay)
+        decay = 0.0 if self.spre_fx.scheduled else self.spre_fx.decay
+        return srste_pruned(self.weight, self.pruned(), decay)
 
     def extra_repr(self) -> str:
         n, m = self.spre_fx.nm
