@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from digits import Method, Run, accuracy, deploy, train
 from matplotlib.figure import Figure
-from paired import mean_interval, paired_difference
+from paired import fmt_difference, fmt_mean_sd, mean_interval, paired_difference, pairing_check
 from study import Recipe, parse_nm, sparsified_layers
 from torch import Tensor, nn
 
@@ -227,6 +227,12 @@ def _diff(a: dict[int, float], b: dict[int, float]) -> dict | None:
     return {"mean": d.mean, "ci95": [d.low, d.high], "n": d.n, "significant": d.significant}
 
 
+def arm_order(arm: str) -> tuple[int, bool]:
+    """Sort key of arm names: (a)-(e), each followed by its +perm variant; "dense" first."""
+    base = arm.removesuffix("+perm")
+    return (ARMS.index(base) + 1 if base in ARMS else 0, arm.endswith("+perm"))
+
+
 def _rate(nm: str) -> float:
     n, m = map(int, nm.split(":"))
     return 1 - n / m
@@ -300,10 +306,9 @@ def analyse(records: list[dict]) -> dict:
             at = sorted({max(1, e // 2), max(1, 3 * e // 4), e})
             convergence[ds] = {f"epoch {k}": statistics.fmean(c[k - 1] for c in curves) for k in at}
     cost = {}
-    for arm in dict.fromkeys(r["arm"] for r in records):
-        rs = [r for r in records if r["arm"] == arm]
-        for ds in dict.fromkeys(r["dataset"] for r in rs):
-            sub = [r for r in rs if r["dataset"] == ds]
+    for ds in sorted({r["dataset"] for r in records}):
+        for arm in sorted({r["arm"] for r in records if r["dataset"] == ds}, key=arm_order):
+            sub = [r for r in records if r["arm"] == arm and r["dataset"] == ds]
             cost[f"{ds} {arm}"] = {"cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in sub),
                                    "steps": sub[0]["steps"]}
     errors = [r["convert_error"] for r in records if r.get("convert_error") is not None]
@@ -318,51 +323,25 @@ def analyse(records: list[dict]) -> dict:
                                        (r["dataset"], r["nm"], r["arm"]) == (c["dataset"], c["nm"], arm)),
             "after": c["arms"][arm]["mean"]} for c in cells for arm in c["arms"] if arm != "dense"},
         "max_convert_error": max(errors, default=None),
-        "pairing": pairing_check(records),
+        "pairing": pairing_check(records, ("pretrained_digest", "batches_digest")),
         "cpu_seconds": sum(r["cpu_seconds"] for r in records),
     }
-
-
-def pairing_check(records: list[dict]) -> dict:
-    """Arms of one (dataset, seed) must start from the same checkpoint; fine-tuning arms must see the
-    same batches."""
-    bad = []
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["dataset"], r["seed"]), []).append(r)
-    for (ds, seed), rs in groups.items():
-        if len({r["pretrained_digest"] for r in rs}) > 1:
-            bad.append(f"{ds} seed {seed}: pretrained_digest differs")
-        if len({r["batches_digest"] for r in rs if r.get("batches_digest")}) > 1:
-            bad.append(f"{ds} seed {seed}: batches_digest differs")
-    return {"groups": len(groups), "mismatches": bad}
-
-
-def _pp(d: dict | None) -> str:
-    if not d:
-        return "-"
-    lo, hi = d["ci95"]
-    return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{' *' if d['significant'] else ''}"
-
-
-def _ms(d: dict | None) -> str:
-    return "-" if not d else f"{100 * d['mean']:.2f} ± {100 * (d['sd'] if d['n'] > 1 else 0):.2f}"
 
 
 def tables(summary: dict) -> str:
     """Markdown tables of the summary (docs/results.md pastes them)."""
     cells = summary["cells"]
-    arms = list(dict.fromkeys(a for c in cells for a in c["arms"] if a != "dense"))
+    arms = sorted({a for c in cells for a in c["arms"] if a != "dense"}, key=arm_order)
     lines = ["| dataset | N:M | dense | " + " | ".join(LABELS.get(a, a) for a in arms) + " |",
              "|---|---|---|" + "---|" * len(arms)]
     for c in cells:
-        lines.append(f"| {c['dataset']} | {c['nm']} | {_ms(c['arms'].get('dense'))} | "
-                     + " | ".join(_ms(c["arms"].get(a)) for a in arms) + " |")
+        lines.append(f"| {c['dataset']} | {c['nm']} | {fmt_mean_sd(c['arms'].get('dense'))} | "
+                     + " | ".join(fmt_mean_sd(c["arms"].get(a)) for a in arms) + " |")
     names = list(dict.fromkeys(k for c in cells for k in c["diffs"]))
     columns = " | ".join(f"{c['dataset']} {c['nm']}" for c in cells)
     lines += ["", f"| paired difference, points | {columns} |", "|---|" + "---|" * len(cells)]
     for name in names:
-        row = " | ".join(_pp(c["diffs"].get(name)) for c in cells)
+        row = " | ".join(fmt_difference(c["diffs"].get(name)) for c in cells)
         lines.append(f"| {name.replace(' - ', ' − ')} | {row} |")
     lines += ["", f"| share of Σ|w| N:M keeps (one-shot, mean over seeds) | {columns} |",
               "|---|" + "---|" * len(cells)]
@@ -400,7 +379,7 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     for ax, ds in zip(axes, datasets):
         cells = [c for c in summary["cells"] if c["dataset"] == ds]
         rates = [_rate(c["nm"]) for c in cells]
-        arms = list(dict.fromkeys(a for c in cells for a in c["arms"] if a != "dense"))
+        arms = sorted({a for c in cells for a in c["arms"] if a != "dense"}, key=arm_order)
         for i, arm in enumerate(arms):
             color, marker = _STYLE[arm.removesuffix("+perm")]
             pts = [(x + (i - len(arms) / 2) * 0.004, c["arms"][arm]) for x, c in zip(rates, cells)
@@ -420,6 +399,31 @@ def plot_accuracy(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("from a dense net: mean over seeds, bars: 95% t interval of the mean", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
+
+
+FOREST = ("srste - asp", "spre-silent - asp", "spre - asp", "spre-silent - srste", "spre-silent - spre",
+          *(f"{a}+perm - {a}" for a in ARMS))
+
+
+def plot_differences(summary: dict, path: Path) -> None:
+    """The paired differences that decide the recommendation, points with 95 % t intervals, per cell;
+    filled markers: the interval excludes 0."""
+    rows = [(f"{c['dataset']} {c['nm']}: {name.replace(' - ', ' − ')}", c["diffs"][name])
+            for c in summary["cells"] for name in FOREST if name in c["diffs"]]
+    if not rows:
+        return
+    fig = Figure(figsize=(6.5, 0.26 * len(rows) + 0.9), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, d) in enumerate(rows):
+        color = _STYLE[label.split(": ")[1].split(" − ")[0].removesuffix("+perm")][0]
+        ax.plot([100 * d["ci95"][0], 100 * d["ci95"][1]], [i, i], color=color, lw=2)
+        ax.plot(100 * d["mean"], i, "o", color=color, mfc=color if d["significant"] else "white")
+    ax.axvline(0, color="k", lw=1)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference of deployed test accuracy, points (95% t interval over seeds)")
+    ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
 
 
@@ -545,7 +549,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"pairing mismatches: {summary['pairing']['mismatches'] or 'none'}")
     if summary["cells"]:
         plot_accuracy(summary, out / "finetune_accuracy.png")
-    print(f"wrote results.json, summary.json, tables.md and finetune_accuracy.png to {out} "
+        plot_differences(summary, out / "finetune_differences.png")
+    print(f"wrote results.json, summary.json, tables.md and the PNGs to {out} "
           f"({time.perf_counter() - start:.0f} s)")
     return summary
 

@@ -276,7 +276,8 @@ def test_finetune_study_quick_arms_pairing_and_permutation_arms(tmp_path, monkey
     assert cell["mean"] == pytest.approx(sum(d) / 2)
     assert cell["ci95"] == pytest.approx([sum(d) / 2 - half, sum(d) / 2 + half])
     assert summary["recommendation"]["arm"] in study.COST_ORDER
-    assert (out / "finetune_accuracy.png").is_file() and "| digits | 2:4 |" in (out / "tables.md").read_text()
+    assert sorted(p.name for p in out.glob("*.png")) == ["finetune_accuracy.png", "finetune_differences.png"]
+    assert "| digits | 2:4 |" in (out / "tables.md").read_text()
     again = study.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path / "again")])
     assert again["cells"] == summary["cells"]
 
