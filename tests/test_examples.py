@@ -294,3 +294,20 @@ def test_finetune_study_skips_permutation_arms_without_the_function(tmp_path, mo
         capsys.readouterr().out
     records = json.loads((tmp_path / "ft" / "results.json").read_text())["runs"]
     assert sorted(r["label"] for r in records) == ["dense", "oneshot 1:8"]
+
+
+def test_finetune_recommendation_rule_by_hand():
+    """The protocol's rule: the cheapest fine-tuning arm no other beats significantly in any cell."""
+    study = load_example("finetune_study")
+    beats = lambda m: {"mean": m, "ci95": [m - 0.01, m + 0.01], "n": 8, "significant": True}
+    level = lambda m: {"mean": m, "ci95": [m - 0.02, m + 0.02], "n": 8, "significant": False}
+    at_24 = {"srste - asp": level(0.001), "spre - asp": beats(-0.05), "spre-silent - asp": level(0.0),
+             "spre - srste": beats(-0.05), "spre-silent - srste": level(0.0),
+             "spre-silent - spre": beats(0.05)}
+    cells = [{"dataset": "d", "nm": "2:4", "diffs": at_24}]
+    assert study.recommend(cells)["arm"] == "asp"  # level with SR-STE and silent SpRe, and the cheapest
+    at_18 = {**at_24, "srste - asp": beats(0.08), "spre-silent - asp": beats(0.07)}
+    rec = study.recommend([*cells, {"dataset": "d", "nm": "1:8", "diffs": at_18}])
+    assert rec["arm"] == "srste" and rec["beaten"]["srste"] == []
+    assert rec["beaten"]["asp"] == ["d 1:8 (by srste, spre-silent)"]
+    assert len(rec["beaten"]["spre"]) == 2
