@@ -74,6 +74,34 @@ def share_closed(unstructured: Mapping[int, float], srste: Mapping[int, float],
     return paired_difference(spre, srste).mean / gap.mean
 
 
+def pairing_check(records: list[Mapping], keys: tuple[str, ...]) -> dict:
+    """Runs of one (dataset, seed) must agree on every digest in `keys` they record (the weights they
+    start from, the RNG, the batch order): the mismatches found, by group."""
+    bad = []
+    groups: dict[tuple[str, int], list[Mapping]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["seed"]), []).append(r)
+    for (ds, seed), rs in groups.items():
+        for key in keys:
+            if len({r[key] for r in rs if r.get(key) is not None}) > 1:
+                bad.append(f"{ds} seed {seed}: {key} differs")
+    return {"groups": len(groups), "mismatches": bad}
+
+
+def fmt_difference(d: Mapping | None) -> str:
+    """A paired difference (a summary dict: mean, ci95) in points: `+x [lo, hi]`, `*` when it excludes 0."""
+    if not d:
+        return "-"
+    lo, hi = d["ci95"]
+    mark = " *" if d.get("significant") else ""
+    return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{mark}"
+
+
+def fmt_mean_sd(d: Mapping | None) -> str:
+    """An accuracy summary dict (mean, sd, n) in percent: `mean ± sd`."""
+    return "-" if not d else f"{100 * d['mean']:.2f} ± {100 * (d['sd'] if d['n'] > 1 else 0):.2f}"
+
+
 def mean_std(values: list[float], scale: float = 100.0) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{scale * statistics.fmean(values):.2f} ± {scale * sd:.2f}"

@@ -42,7 +42,15 @@ from pathlib import Path
 import torch
 from digits import CifarResNet, DigitsResNet, Method, Run, accuracy, deploy, load_data, plot_spatial, train
 from matplotlib.figure import Figure
-from paired import Interval, mean_interval, paired_difference, share_closed
+from paired import (
+    Interval,
+    fmt_difference,
+    fmt_mean_sd,
+    mean_interval,
+    paired_difference,
+    pairing_check,
+    share_closed,
+)
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -354,7 +362,7 @@ def analyse(records: list[dict]) -> dict:
                                             "significant": d.significant}
             ablations.append(row)
     nm_runs = [r for r in records if r["convert_error"] is not None]
-    pairing = pairing_check(records)
+    pairing = pairing_check(records, ("init_digest", "rng_digest", "batches_digest"))
     recal = {}
     for ds, label in sorted({(r["dataset"], r["label"]) for r in records}):
         sub = [r for r in records if r["dataset"] == ds and r["label"] == label]
@@ -376,47 +384,23 @@ def analyse(records: list[dict]) -> dict:
     }
 
 
-def pairing_check(records: list[dict]) -> dict:
-    """Runs of one (dataset, seed) must share main-branch init, global RNG at start and batch order."""
-    bad = []
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["dataset"], r["seed"]), []).append(r)
-    for (ds, seed), rs in groups.items():
-        for key in ("init_digest", "rng_digest", "batches_digest"):
-            if len({r[key] for r in rs}) > 1:
-                bad.append(f"{ds} seed {seed}: {key} differs")
-    return {"groups": len(groups), "mismatches": bad}
-
-
-def _pp(d: dict | None) -> str:
-    if not d:
-        return "-"
-    lo, hi = d["ci95"]
-    mark = " *" if d.get("significant") else ""
-    return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]{mark}"
-
-
-def _ms(d: dict | None) -> str:
-    return "-" if not d else f"{100 * d['mean']:.2f} ± {100 * (d['sd'] if d['n'] > 1 else 0):.2f}"
-
-
 def tables(summary: dict) -> str:
     """Markdown tables of the summary (docs/results.md pastes them)."""
     lines = ["| dataset | N:M | dense | unstructured | SR-STE | SpRe | SpRe − SR-STE | unstructured − SR-STE "
              "| unstructured − SpRe | share closed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in summary["cells"]:
         share = c.get("share_closed")
-        lines.append(f"| {c['dataset']} | {c['nm']} | {_ms(c.get('dense'))} | {_ms(c.get('unstructured'))} | "
-                     f"{_ms(c.get('srste'))} | {_ms(c.get('spre'))} | {_pp(c.get('spre-srste'))} | "
-                     f"{_pp(c.get('unstructured-srste'))} | {_pp(c.get('unstructured-spre'))} | "
-                     f"{'-' if share is None else f'{share:.0%}'} |")
+        means = " | ".join(fmt_mean_sd(c.get(k)) for k in ("dense", "unstructured", "srste", "spre"))
+        diffs = " | ".join(fmt_difference(c.get(k))
+                           for k in ("spre-srste", "unstructured-srste", "unstructured-spre"))
+        share = "-" if share is None else f"{share:.0%}"
+        lines.append(f"| {c['dataset']} | {c['nm']} | {means} | {diffs} | {share} |")
     if summary["ablations"]:
         lines += ["", "| ablation (dataset, N:M) | accuracy | variant − SpRe | variant − SR-STE |",
                   "|---|---|---|---|"]
         for a in summary["ablations"]:
-            lines.append(f"| {a['variant']} ({a['dataset']} {a['nm']}) | {_ms(a['acc'])} | "
-                         f"{_pp(a.get('minus_spre'))} | {_pp(a.get('minus_srste'))} |")
+            lines.append(f"| {a['variant']} ({a['dataset']} {a['nm']}) | {fmt_mean_sd(a['acc'])} | "
+                         f"{fmt_difference(a.get('minus_spre'))} | {fmt_difference(a.get('minus_srste'))} |")
     if summary.get("recalibration"):
         lines += ["", "| runs (mean over seeds) | eval accuracy before recalibration | deployed, after |",
                   "|---|---|---|"]

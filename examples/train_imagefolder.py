@@ -4,6 +4,12 @@ The recipe is the paper's (docs/method.md §5): SGD momentum 0.9, LR 0.1 x batch
 after a linear warm-up, label smoothing 0.1, weight decay 1e-4, from scratch. The data folder holds
 `train/` and `val/`, each with one sub-folder per class (torchvision.datasets.ImageFolder).
 
+`--pretrained torchvision` starts from torchvision's weights for `--arch` (from the torch hub cache,
+downloaded there if missing), `--pretrained PATH` from a dense state_dict of the same architecture (or a
+file holding one under "model"); a classifier whose shape differs (another class count) keeps its fresh
+initialisation. The SpRe branches then start silent (docs/training.md, "Fine-tuning from a dense
+checkpoint"); `--branch-init paper` gives the paper's initialisation instead.
+
     PYTHONPATH=. .venv/bin/python examples/train_imagefolder.py --data ~/imagenette --epochs 120
     PYTHONPATH=. .venv/bin/python examples/train_imagefolder.py --data DIR \
         --resume out/imagefolder/checkpoint.pt
@@ -47,6 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18", help="torchvision model name (torchvision.models.get_model)")
     p.add_argument("--nm", type=parse_nm, default=(2, 4), help="N:M pattern, e.g. 2:4 or 1:4")
     p.add_argument("--no-spre", action="store_true", help="plain N:M with SR-STE (no SpRe branch)")
+    p.add_argument("--pretrained", metavar="PATH|torchvision",
+                   help="start from dense weights: torchvision's for --arch, or a state_dict file")
+    p.add_argument("--branch-init", choices=("silent", "paper"),
+                   help="SpRe branch start: silent (BN γ = 0, step 0 is the N:M projection) or the paper's; "
+                   "default: silent with --pretrained, paper from scratch")
     p.add_argument("--epochs", type=int, default=120)
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
@@ -80,10 +91,40 @@ def loaders(args: argparse.Namespace):
     return train, val, train_set.classes
 
 
-def build(arch: str, num_classes: int, nm: tuple[int, int], spre: bool) -> nn.Module:
-    """The torchvision model, prepared: N:M everywhere but the stem, SpRe branches on k×k conv→BN."""
+def build(arch: str, num_classes: int, nm: tuple[int, int], spre: bool, pretrained: str | Path | None = None,
+          silent_branch: bool = False) -> nn.Module:
+    """The torchvision model, prepared: N:M everywhere but the stem, SpRe branches on k×k conv→BN.
+
+    pretrained: "torchvision" (its default weights for `arch`) or a state_dict file, loaded into the
+    dense model before `prepare` (load_pretrained)."""
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    return spre_fx.prepare(model, nm=nm, spre=spre)
+    if pretrained is not None:
+        load_pretrained(model, arch, pretrained)
+    return spre_fx.prepare(model, nm=nm, spre=spre, silent_branch=silent_branch and spre)
+
+
+def load_pretrained(model: nn.Module, arch: str, source: str | Path) -> list[str]:
+    """Load dense weights into `model` (before prepare): torchvision's for `arch` or a state_dict file.
+
+    Every parameter and buffer must be in the file under the model's own name; those whose shape
+    differs (a classifier for another class count) keep their initialisation and are returned."""
+    if str(source) == "torchvision":
+        state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise SystemExit(f"--pretrained {source}: expected a dense {arch} state_dict; missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} ({len(missing)} and {len(unexpected)} names): pass "
+                         "weights of the same architecture, saved before spre_fx.prepare")
+    reshaped = [k for k in own if state[k].shape != own[k].shape]
+    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
+    fresh = f"; {', '.join(reshaped)} of another shape kept their initialisation" if reshaped else ""
+    print(f"loaded dense weights from {source}: {len(own) - len(reshaped)} tensors{fresh}")
+    return reshaped
 
 
 def load_deployed(path: str | Path, map_location: str = "cpu") -> nn.Module:
@@ -128,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     train_loader, val_loader, classes = loaders(args)
 
-    model = build(args.arch, len(classes), args.nm, not args.no_spre).to(device)
+    silent = (args.branch_init or ("silent" if args.pretrained else "paper")) == "silent"
+    model = build(args.arch, len(classes), args.nm, not args.no_spre, args.pretrained, silent).to(device)
     rep = spre_fx.report(model)
     print(f"{args.arch} {args.nm[0]}:{args.nm[1]}: {rep.count('spre')} spre, {rep.count('nm')} nm, "
           f"{rep.count('dense')} dense layers; {len(classes)} classes, {len(train_loader.dataset)} train / "

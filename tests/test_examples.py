@@ -70,6 +70,59 @@ def test_train_imagefolder_checkpoint_resume_deploy(tmp_path, capsys):
     assert out.shape == (2, 2) and torch.isfinite(out).all()
 
 
+def test_train_imagefolder_pretrained(tmp_path, monkeypatch, capsys):
+    """--pretrained PATH and --pretrained torchvision (read from the hub cache) load dense weights under
+    the model's own names before prepare; a classifier for another class count keeps its init."""
+    import torchvision
+
+    example = load_example("train_imagefolder")
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18(num_classes=1000)
+    with torch.no_grad():  # BN statistics unlike a fresh model's, so that a missed buffer shows
+        for m in dense.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
+    state = dense.state_dict()
+    torch.save({"model": state}, tmp_path / "dense.pt")
+    path = tmp_path / "dense.pt"
+    prepared = example.build("resnet18", 2, (2, 4), True, pretrained=path, silent_branch=True)
+    loaded = prepared.state_dict()
+    for key, value in state.items():
+        if key.startswith("fc."):  # 1000 classes in the file, 2 here
+            assert loaded[key].shape[0] == 2
+        else:
+            assert torch.equal(loaded[key], value), key
+    assert "fc.weight, fc.bias of another shape kept their initialisation" in capsys.readouterr().out
+
+    # A silent branch: step 0 computes what plain N:M of the same dense weights computes.
+    nm_only = example.build("resnet18", 2, (2, 4), False, pretrained=tmp_path / "dense.pt")
+    nm_only.fc.load_state_dict(prepared.fc.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = nm_only.eval()(x)
+        assert (prepared.eval()(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+        paper = example.build("resnet18", 2, (2, 4), True, pretrained=tmp_path / "dense.pt")
+        paper.fc.load_state_dict(prepared.fc.state_dict())
+        assert (paper.eval()(x) - ref).abs().max() > 1e-2 * ref.abs().max()  # the paper's branch is heard
+
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="expected a dense resnet18 state_dict"):
+        example.build("resnet18", 2, (2, 4), True, pretrained=tmp_path / "other.pt")
+
+    # torchvision's weights come from the torch hub cache (written here: nothing is downloaded).
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(state, cache / url.rsplit("/", 1)[1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    write_image_folder(tmp_path / "data")
+    result = example.main(["--data", str(tmp_path / "data"), "--arch", "resnet18", "--batch-size", "4",
+                           "--image-size", "32", "--workers", "0", "--device", "cpu", "--warmup-epochs", "1",
+                           "--epochs", "1", "--pretrained", "torchvision", "--out", str(tmp_path / "out")])
+    assert "loaded dense weights from torchvision" in capsys.readouterr().out
+    assert result["output_error"] < 1e-5
+
+
 def test_digits_tiny(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
@@ -179,3 +232,82 @@ def test_load_mnist_split_is_stratified():
     assert 0 <= float(x_train.min()) and float(x_train.max()) <= 1
     assert torch.bincount(y_test, minlength=10).min() >= 90  # ~100 per class
     assert torch.bincount(y_train, minlength=10).min() >= 45  # ~50 per class
+
+
+# --------------------------------------------------------------------------- examples/finetune_study.py
+def test_finetune_study_quick_arms_pairing_and_permutation_arms(tmp_path, monkeypatch, capsys):
+    """The fine-tuning study end to end at tiny sizes, with an identity stand-in for
+    spre_fx.permute_channels: the +perm arms then run and must reproduce their arms exactly."""
+    import copy
+
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    import spre_fx
+
+    study = load_example("finetune_study")
+    monkeypatch.setattr(spre_fx, "permute_channels", lambda model, nm: copy.deepcopy(model), raising=False)
+    out = tmp_path / "ft"
+    summary = study.main(["--quick", "--datasets", "digits", "--sparsities", "2:4", "--seeds", "0", "1",
+                          "--out", str(out)])
+    records = json.loads((out / "results.json").read_text())["runs"]
+    best = summary["best_finetuned"]
+    assert best in study.FINETUNED and f"running {best}+perm" in capsys.readouterr().out
+    assert sorted({r["label"] for r in records}) == sorted(
+        ["dense", *(f"{a} 2:4" for a in study.ARMS), "oneshot+perm 2:4", "asp+perm 2:4", f"{best}+perm 2:4"])
+    assert summary["pairing"] == {"groups": 2, "mismatches": []}
+    assert len({r["pretrained_digest"] for r in records}) == 2  # the digests tell seeds apart
+    acc = {(r["label"], r["seed"]): r for r in records}
+    for r in records:
+        if r["arm"] != "dense":
+            assert r["convert_error"] < 1e-5 and abs(r["sparsity"] - 0.5) < 0.01
+        if r["arm"].endswith("+perm"):  # the identity permutation changes nothing
+            assert r["permutation_error"] == 0.0
+            assert r["test_acc"] == acc[f"{r['arm'].removesuffix('+perm')} 2:4", r["seed"]]["test_acc"]
+    for s in (0, 1):  # ASP and SR-STE start from the one-shot masks, steps are equal across fine-tuning arms
+        assert acc["asp 2:4", s]["kept_magnitude"] == acc["oneshot 2:4", s]["kept_magnitude"]
+        assert acc["srste 2:4", s]["kept_magnitude"] == acc["oneshot 2:4", s]["kept_magnitude"]
+        steps = {acc[f"{a} 2:4", s]["steps"] for a in study.FINETUNED}
+        assert len(steps) == 1 and steps.pop() > 0
+
+    # The paired ASP − one-shot interval by hand: t(0.975, 1) = 12.7062, sd = |d0 − d1|/√2.
+    d = [acc["asp 2:4", s]["test_acc"] - acc["oneshot 2:4", s]["test_acc"] for s in (0, 1)]
+    cell = summary["cells"][0]["diffs"]["asp - oneshot"]
+    half = 12.7062 * abs(d[0] - d[1]) / 2
+    assert cell["mean"] == pytest.approx(sum(d) / 2)
+    assert cell["ci95"] == pytest.approx([sum(d) / 2 - half, sum(d) / 2 + half])
+    assert summary["recommendation"]["arm"] in study.COST_ORDER
+    assert sorted(p.name for p in out.glob("*.png")) == ["finetune_accuracy.png", "finetune_differences.png"]
+    assert "| digits | 2:4 |" in (out / "tables.md").read_text()
+    again = study.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path / "again")])
+    assert again["cells"] == summary["cells"]
+
+
+def test_finetune_study_skips_permutation_arms_without_the_function(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    import spre_fx
+
+    study = load_example("finetune_study")
+    monkeypatch.delattr(spre_fx, "permute_channels", raising=False)
+    study.main(["--quick", "--datasets", "digits", "--sparsities", "1:8", "--seeds", "3", "--arms", "oneshot",
+                "--out", str(tmp_path / "ft")])
+    assert "skipped oneshot+perm, asp+perm, best+perm: this spre_fx has no permute_channels" in \
+        capsys.readouterr().out
+    records = json.loads((tmp_path / "ft" / "results.json").read_text())["runs"]
+    assert sorted(r["label"] for r in records) == ["dense", "oneshot 1:8"]
+
+
+def test_finetune_recommendation_rule_by_hand():
+    """The protocol's rule: the cheapest fine-tuning arm no other beats significantly in any cell."""
+    study = load_example("finetune_study")
+    beats = lambda m: {"mean": m, "ci95": [m - 0.01, m + 0.01], "n": 8, "significant": True}
+    level = lambda m: {"mean": m, "ci95": [m - 0.02, m + 0.02], "n": 8, "significant": False}
+    at_24 = {"srste - asp": level(0.001), "spre - asp": beats(-0.05), "spre-silent - asp": level(0.0),
+             "spre - srste": beats(-0.05), "spre-silent - srste": level(0.0),
+             "spre-silent - spre": beats(0.05)}
+    cells = [{"dataset": "d", "nm": "2:4", "diffs": at_24}]
+    assert study.recommend(cells)["arm"] == "asp"  # level with SR-STE and silent SpRe, and the cheapest
+    at_18 = {**at_24, "srste - asp": beats(0.08), "spre-silent - asp": beats(0.07)}
+    rec = study.recommend([*cells, {"dataset": "d", "nm": "1:8", "diffs": at_18}])
+    assert rec["arm"] == "srste" and rec["beaten"]["srste"] == []
+    assert rec["beaten"]["asp"] == ["d 1:8 (by srste, spre-silent)"]
+    assert len(rec["beaten"]["spre"]) == 2
