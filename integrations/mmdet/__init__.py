@@ -9,11 +9,19 @@ HOOKS, and the types mmengine checkpoints need with `torch.serialization.add_saf
 (checkpoint.py). README.md has the commands; configs/ the shipped configs.
 """
 
-from .checkpoint import SAFE_GLOBALS, register_safe_globals
+try:
+    from .checkpoint import SAFE_GLOBALS, register_safe_globals
+    from .detector import SpReDetector
+    from .hook import SpReHook
+except ModuleNotFoundError as err:  # mmdet, mmcv, mmengine, or numpy, which they need
+    if (err.name or "spre_fx").partition(".")[0] == "spre_fx":
+        raise
+    raise ModuleNotFoundError(
+        f"spre_fx.integrations.mmdet needs mmdetection 3.x, mmcv and mmengine ('{err.name}' is not "
+        'installed): pip install "spre_fx[mmdet]" (mmcv 2.1.0 may need building: scripts/setup_venv.sh)',
+        name=err.name,
+    ) from err
 
 register_safe_globals()
-
-from .detector import SpReDetector  # noqa: E402
-from .hook import SpReHook  # noqa: E402
 
 __all__ = ["SpReDetector", "SpReHook", "SAFE_GLOBALS", "register_safe_globals"]

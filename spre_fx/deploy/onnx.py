@@ -54,6 +54,19 @@ class OnnxExport:
         return f"trtexec --onnx={self.path} --sparsity=enable --fp16"
 
 
+def _require_onnx(dynamo: bool = False) -> None:
+    """Raise an ImportError naming the extra when a package the ONNX path needs is missing."""
+    import importlib.util
+
+    needed = ("onnx", "onnxscript") if dynamo else ("onnx",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"spre_fx's ONNX export needs {' and '.join(missing)} (not installed; onnxscript runs "
+            'the default dynamo exporter): pip install "spre_fx[onnx]"'
+        )
+
+
 def _onnx_gemm_weights(model) -> list[tuple[str, str, Any]]:
     """(tensor name, op, weight as [O, K...]) for every Conv/Gemm/MatMul with a constant weight."""
     from onnx import helper, numpy_helper
@@ -86,6 +99,7 @@ def _onnx_gemm_weights(model) -> list[tuple[str, str, Any]]:
 def onnx_weights(onnx_model, converted: nn.Module) -> tuple[OnnxWeight, ...]:
     """Find every N:M layer of `converted` among the Conv/Gemm/MatMul weights of an ONNX model
     (a ModelProto or a path) and check its N:M pattern in the layout TensorRT reads."""
+    _require_onnx()
     import numpy as np
     import onnx
 
@@ -149,6 +163,7 @@ def export_onnx(
     `result.trtexec` is the TensorRT build command.
     """
     plan = plan_of(converted, stage="converted")
+    _require_onnx(dynamo)
     if has_sparse_kernels(converted):
         raise ValueError(
             "this model runs on semi-structured kernels, which ONNX cannot hold: export the dense "
