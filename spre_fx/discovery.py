@@ -82,8 +82,9 @@ def _frozen(conv: nn.Module, bn: str, norm: nn.Module, flows: list[ModeFlow]) ->
     would add a fixed random term to the frozen features, and it needs a BatchNorm that trains.
     """
     tail = "SpRe's branch needs a BatchNorm that trains; plain N:M, folded at convert"
-    if not conv.weight.requires_grad:
-        return f"weight does not train (frozen, requires_grad=False): plain N:M, '{bn}' folded at convert"
+    if not conv.weight.requires_grad:  # pruned at all only with prune_frozen=True
+        return (f"weight does not train (frozen, requires_grad=False) and prune_frozen=True: plain N:M, "
+                f"'{bn}' folded at convert")
     if norm_spec(norm).frozen:
         return f"BatchNorm '{bn}' is frozen ({type(norm).__qualname__}): {tail}"
     if any(bn in f.idle_norms for f in flows):
@@ -111,6 +112,9 @@ def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, s
         return "lazy module not yet initialised: run one forward before prepare"
     if not m.weight.is_floating_point():
         return f"weight dtype {m.weight.dtype} is not floating point"
+    if not m.weight.requires_grad and not config.prune_frozen:
+        return ("weight does not train (requires_grad=False): pruning it could not be recovered, left "
+                "dense; SpReConfig(prune_frozen=True) prunes it anyway")
     if name in shared:
         return "its weight is shared with another module (tied weights)"
     if name == stem and config.dense_stem:
