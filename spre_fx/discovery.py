@@ -9,6 +9,7 @@ lacks: a conv or BN module called from more than one place is never paired).
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -163,8 +164,29 @@ def _tied_weights(model: nn.Module) -> set[str]:
             for n in names}
 
 
+def _check_patterns(config: SpReConfig, names: list[str]) -> None:
+    """An include that matches no layer raises (the model would come back with every layer dense);
+    any other include or skip pattern that matches no layer warns: pattern lists shared across
+    models (mmdet configs, one skip list for several backbones) may hold some a model lacks."""
+    def unmatched(patterns) -> list[str]:
+        return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    hint = (f"patterns match whole qualified names (fnmatch: 'layer1.*' matches the layers inside "
+            f"'layer1'); this model's layers are named like {names[:3]}; spre_fx.report(model) lists all")
+    if not names:
+        return
+    if config.include is not None and len(unmatched(config.include)) == len(config.include):
+        raise ValueError(f"include={config.include!r} matches no conv or linear layer, so every layer "
+                         f"would stay dense: {hint}")
+    for kind, patterns in (("include", config.include or ()), ("skip", config.skip)):
+        for p in unmatched(patterns):
+            warnings.warn(f"{kind} pattern {p!r} matches no conv or linear layer: {hint}", UserWarning,
+                          stacklevel=4)
+
+
 def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any] | None = None) -> Plan:
     """Decide, for every conv and linear of `model`, its treatment and the reason for it."""
+    _check_patterns(config, [n for n, m in model.named_modules() if is_layer(m)])
     failures: list[tuple[str, str]] = []
     flows = trace_flows(model, concrete_args, failures)
     modules = dict(model.named_modules())

@@ -90,7 +90,10 @@ class SpReConv2d(NMLayer, nn.Conv2d):
         nn.init.kaiming_normal_(rep, mode="fan_in", generator=_branch_generator(w))
         new.weight_rep = nn.Parameter(rep, requires_grad=w.requires_grad)
         hint = spatial_hint()
-        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m, hint))
+        # A weight on the meta device has no values to rank: a placeholder of S's shape, replaced
+        # by the loaded one (or recomputed from the loaded weight) after `to_empty`.
+        s = torch.ones(w.shape[2:], dtype=torch.bool, device=w.device) if w.is_meta else None
+        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m, hint) if s is None else s)
         new.init_masks(type(module), n, m, decay)
         new.spre_fx.caches["spatial_hint"] = hint
         return new
