@@ -165,7 +165,8 @@ def _tied_weights(model: nn.Module) -> set[str]:
 
 
 def _check_patterns(config: SpReConfig, names: list[str]) -> None:
-    """An include that matches no layer raises (the model would come back with every layer dense);
+    """An include that matches no layer raises (the model would come back with every layer dense;
+    `include=()` asks for that: convert then only folds BatchNorms);
     any other include or skip pattern that matches no layer warns: pattern lists shared across
     models (mmdet configs, one skip list for several backbones) may hold some a model lacks."""
     def unmatched(patterns) -> list[str]:
@@ -175,7 +176,7 @@ def _check_patterns(config: SpReConfig, names: list[str]) -> None:
             f"'layer1'); this model's layers are named like {names[:3]}; spre_fx.report(model) lists all")
     if not names:
         return
-    if config.include is not None and len(unmatched(config.include)) == len(config.include):
+    if config.include and len(unmatched(config.include)) == len(config.include):  # () asks for no layer
         raise ValueError(f"include={config.include!r} matches no conv or linear layer, so every layer "
                          f"would stay dense: {hint}")
     for kind, patterns in (("include", config.include or ()), ("skip", config.skip)):

@@ -95,6 +95,7 @@ def test_include_that_matches_no_layer_raises_and_unmatched_patterns_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         spre_fx.prepare(model, include=("3", "7"), skip=("7",))  # every pattern matches: silent
+        assert spre_fx.plan_of(spre_fx.prepare(model, include=())).count("dense") == 3  # asked for
 
 
 # ----------------------------------------------------------------------------- meta device
