@@ -1,11 +1,13 @@
 """Example inputs, checked against the model: what `verify` and `report` run it on.
 
 A wrong example input used to fail many frames deep inside torch ("mat1 and mat2 shapes cannot
-be multiplied"). The checks here say what the model expected and what was given: the container,
-dtype and device before the model runs, and each conv's and linear's input as the forward reaches
-it (channels or features; with `batched`, the first one's batch dimension). They raise only where
-torch would fail too, except the batch check, which only `report(input_size=...)` asks for: its
-`input_size` is a whole input's shape, batch included.
+be multiplied"). The checks here say what the model expected and what was given: the container
+before the model runs, and each conv's and linear's input as the forward reaches it (device,
+dtype, channels or features; with `batched`, the first one's batch dimension). They raise only
+where torch would fail too, except the batch check, which only `report(input_size=...)` asks for:
+its `input_size` is a whole input's shape, batch included. A forward that moves or casts its
+inputs itself (mmdet's data preprocessor, Hugging Face models) is judged by what reaches each
+layer, never by the example inputs as given.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["example_args", "describe", "check_example_inputs", "check_input_size", "inputs_fit"]
+__all__ = ["example_args", "example_call", "describe", "check_input_size", "inputs_fit"]
 
 
 def describe(args: tuple, kwargs: dict[str, Any]) -> str:
@@ -42,29 +45,23 @@ def example_args(example_inputs: Any, who: str) -> tuple:
                     + (": pass tuple(...)" if isinstance(example_inputs, list) else ""))
 
 
-def _one(values: set):
-    return next(iter(values)) if len(values) == 1 else None
-
-
-def check_example_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any], who: str) -> None:
-    """Raise, before the model runs, for floating inputs of another dtype than the model's weights
-    or tensors on another device than them (when the model has one dtype and one device)."""
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    dtype = _one({p.dtype for p in params})
-    device = _one({p.device for p in params})
-    tensors = [(f"input {i}", a) for i, a in enumerate(args) if isinstance(a, Tensor)]
-    tensors += [(f"input {k!r}", v) for k, v in kwargs.items() if isinstance(v, Tensor)]
-    for label, t in tensors:
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            raise ValueError(f"{who}: {label} is {t.dtype}, the model's weights are {dtype}: cast the input "
-                             f"(x.to({dtype})) or the model")
-        if device is not None and t.device != device:
-            raise ValueError(f"{who}: {label} is on {t.device}, the model's weights on {device}: move the "
-                             f"input (x.to('{device}')) or the model")
+def example_call(example_inputs: Any, example_kwargs: Any, who: str) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) of the forward from `example_inputs` and `example_kwargs`, refused when
+    either is the wrong container."""
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"{who}: example_kwargs must be a dict, found {type(example_kwargs).__name__}")
+    return example_args(example_inputs, who), example_kwargs or {}
 
 
 def _expected(module: nn.Module, x: Tensor, first: bool, batched: bool) -> str:
-    """What is wrong with `x` as `module`'s input ('' when nothing is)."""
+    """What is wrong with `x` as `module`'s input ('' when nothing is): only what torch refuses
+    too, and with `batched` a first layer's input without a batch dimension."""
+    w = module.weight
+    if x.device != w.device:
+        return f"its input on {w.device} (where its weight is), found {x.device}: move the input or the model"
+    if (x.is_floating_point() and w.is_floating_point() and x.dtype != w.dtype
+            and not torch.is_autocast_enabled(x.device.type)):
+        return f"{w.dtype} input (its weight's dtype), found {x.dtype}: cast the input or the model"
     if isinstance(module, _ConvNd):
         full = module.weight.dim()
         if x.dim() not in (full, full - 1):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .deploy.advisor import FlopEstimate, KernelAdvice, advise
 from .deploy.im2col import dense_weight
-from .inputs import check_example_inputs, check_input_size, describe, example_args, inputs_fit
+from .inputs import check_input_size, describe, example_call, inputs_fit
 from .masks import magnitude_mask, mask_kernels, nm_violations, spatial_sparsity
 from .plan import LayerPlan, Treatment, plan_of
 
@@ -132,19 +132,14 @@ def _layer_report(lp: LayerPlan, module: nn.Module, n: int, m: int,
     )
 
 
-def _checked_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Any,
-                    input_size: Any) -> str:
-    """Refuse, before the model runs, example inputs whose container, dtype or device cannot fit
-    it, and an input_size that is no shape; return what was given, for later messages."""
+def _given(example_inputs: Any, example_kwargs: Any, input_size: Any) -> str:
+    """What report runs the model on, for messages; a wrong container or input_size refused."""
     if input_size is not None:
         check_input_size(input_size, "report")
         return f"input_size={tuple(input_size)}"
     if example_inputs is None:
         return "none"
-    args = example_args(example_inputs, "report")
-    kwargs = example_kwargs or {}
-    check_example_inputs(model, args, kwargs, "report")
-    return describe(args, kwargs)
+    return describe(*example_call(example_inputs, example_kwargs, "report"))
 
 
 def report(
@@ -167,7 +162,7 @@ def report(
     plan = plan_of(model)
     modules = dict(model.named_modules())
     n, m = plan.config.nm
-    given = _checked_inputs(model, example_inputs, example_kwargs, input_size)
+    given = _given(example_inputs, example_kwargs, input_size)
     with inputs_fit(model, given, "report", batched=input_size is not None):
         advice = advise(model, example_inputs, example_kwargs=example_kwargs, input_size=input_size,
                         dtype=dtype)

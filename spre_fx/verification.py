@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .compare import flat_tensors, mismatch, relative_error
-from .inputs import check_example_inputs, describe, example_args, inputs_fit
+from .inputs import describe, example_call, inputs_fit
 from .masks import nm_violations
 from .module_tree import modes_restored
 from .plan import Treatment, plan_of
@@ -106,17 +106,6 @@ def _call_label(name: str, i: int, count: int) -> str:
     return f"layer '{name}'" if count == 1 else f"layer '{name}' call {i + 1} of {count}"
 
 
-def _checked_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict]:
-    """verify's example inputs as (args, kwargs), refused before any model runs when their
-    container, dtype or device cannot fit `model`."""
-    args = example_args(example_inputs, "verify")
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise TypeError(f"verify: example_kwargs must be a dict, found {type(example_kwargs).__name__}")
-    kwargs = example_kwargs or {}
-    check_example_inputs(model, args, kwargs, "verify")
-    return args, kwargs
-
-
 def verify(
     prepared: nn.Module,
     converted: nn.Module,
@@ -135,7 +124,7 @@ def verify(
     """
     plan = plan_of(prepared, stage="prepared")
     plan_of(converted, stage="converted")
-    args, kwargs = _checked_inputs(prepared, example_inputs, example_kwargs)
+    args, kwargs = example_call(example_inputs, example_kwargs, "verify")  # a tensor or a tuple, a dict
     tol = _default_tolerance(prepared) if tolerance is None else tolerance
     names = list(dict.fromkeys(lp.norm or lp.name for lp in plan.layers))
 

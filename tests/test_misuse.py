@@ -135,12 +135,26 @@ def pair():
     (torch.randn(2, 4, 4, 4), r"verify: layer '0' \(Conv2d\) expects 3 input channels, found 4"),
     (torch.randn(2, 3, 5, 5), r"layer '7' \(NMLinear\) expects 128 input features \(last dimension\), "
                               r"found 200 .*example inputs given: \(2, 3, 5, 5\)"),
-    (torch.randn(2, 3, 4, 4, dtype=torch.float64), r"input 0 is torch.float64, the model's weights are "
-                                                   r"torch.float32"),
+    (torch.randn(2, 3, 4, 4, dtype=torch.float64), r"layer '0' \(Conv2d\) expects torch.float32 input "
+                                                   r"\(its weight's dtype\), found torch.float64"),
 ])
 def test_verify_says_what_the_model_expected_and_what_was_given(pair, x, match):
     with pytest.raises(ValueError, match=match):
         spre_fx.verify(*pair, x)
+
+
+def test_verify_accepts_a_forward_that_casts_its_inputs():
+    """Judged by what reaches each layer: a model that casts its float64 input itself verifies."""
+    class Casts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = small()
+
+        def forward(self, x):
+            return self.body(x.float())
+
+    prepared = spre_fx.prepare(Casts()).eval()
+    spre_fx.verify(prepared, spre_fx.convert(prepared), x_small().double())
 
 
 def test_verify_refuses_a_list_or_dict_of_inputs(pair):
