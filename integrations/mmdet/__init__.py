@@ -9,18 +9,14 @@ HOOKS, and the types mmengine checkpoints need with `torch.serialization.add_saf
 (checkpoint.py). README.md has the commands; configs/ the shipped configs.
 """
 
-try:
+from .. import requires_extra
+
+# mmdet, mmcv, mmengine, or numpy, which they need
+with requires_extra(__name__, "mmdet", "mmdetection 3.x, mmcv 2.1.0 (built from source for torch 2.14: "
+                    "scripts/setup_venv.sh) and mmengine"):
     from .checkpoint import SAFE_GLOBALS, register_safe_globals
     from .detector import SpReDetector
     from .hook import SpReHook
-except ModuleNotFoundError as err:  # mmdet, mmcv, mmengine, or numpy, which they need
-    if (err.name or "spre_fx").partition(".")[0] == "spre_fx":
-        raise
-    raise ModuleNotFoundError(
-        f"spre_fx.integrations.mmdet needs mmdetection 3.x, mmcv and mmengine ('{err.name}' is not "
-        'installed): pip install "spre_fx[mmdet]" (mmcv 2.1.0 may need building: scripts/setup_venv.sh)',
-        name=err.name,
-    ) from err
 
 register_safe_globals()
 
