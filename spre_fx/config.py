@@ -33,6 +33,10 @@ class SpReConfig:
     decay: λ of the SR-STE "sparse-refined" decay on pruned weights (docs/method.md §1).
     silent_branch: start every SpRe branch's BatchNorm at γ = 0, so that the prepared model
         starts as the N:M projection of the dense one (fine-tuning from a checkpoint).
+    prune_frozen: also make N:M the weights that do not train (`requires_grad=False`: mmdet's
+        `frozen_stages`, ultralytics' DFL bins). Off by default: nothing would train to recover
+        what pruning them loses, so they stay dense; on, they get plain N:M without a SpRe
+        branch (a deployment that wants every eligible layer 2:4).
     """
 
     nm: tuple[int, int] = (2, 4)
@@ -42,6 +46,7 @@ class SpReConfig:
     dense_stem: bool = True
     decay: float = 2e-4
     silent_branch: bool = False
+    prune_frozen: bool = False
 
     def __post_init__(self) -> None:
         nm = self.nm
@@ -59,7 +64,7 @@ class SpReConfig:
         object.__setattr__(self, "skip", _as_patterns("skip", self.skip) or ())
         if not isinstance(self.decay, (int, float)) or self.decay < 0:
             raise ValueError(f"decay must be a float >= 0, found {self.decay!r}")
-        for flag in ("spre", "dense_stem", "silent_branch"):
+        for flag in ("spre", "dense_stem", "silent_branch", "prune_frozen"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, found {getattr(self, flag)!r}")
 

@@ -9,6 +9,7 @@ lacks: a conv or BN module called from more than one place is never paired).
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -82,8 +83,9 @@ def _frozen(conv: nn.Module, bn: str, norm: nn.Module, flows: list[ModeFlow]) ->
     would add a fixed random term to the frozen features, and it needs a BatchNorm that trains.
     """
     tail = "SpRe's branch needs a BatchNorm that trains; plain N:M, folded at convert"
-    if not conv.weight.requires_grad:
-        return f"weight does not train (frozen, requires_grad=False): plain N:M, '{bn}' folded at convert"
+    if not conv.weight.requires_grad:  # pruned at all only with prune_frozen=True
+        return (f"weight does not train (frozen, requires_grad=False) and prune_frozen=True: plain N:M, "
+                f"'{bn}' folded at convert")
     if norm_spec(norm).frozen:
         return f"BatchNorm '{bn}' is frozen ({type(norm).__qualname__}): {tail}"
     if any(bn in f.idle_norms for f in flows):
@@ -111,6 +113,9 @@ def _nm_blocker(name: str, m: nn.Module, config: SpReConfig, stem: str | None, s
         return "lazy module not yet initialised: run one forward before prepare"
     if not m.weight.is_floating_point():
         return f"weight dtype {m.weight.dtype} is not floating point"
+    if not m.weight.requires_grad and not config.prune_frozen:
+        return ("weight does not train (requires_grad=False): pruning it could not be recovered, left "
+                "dense; SpReConfig(prune_frozen=True) prunes it anyway")
     if name in shared:
         return "its weight is shared with another module (tied weights)"
     if name == stem and config.dense_stem:
@@ -159,8 +164,30 @@ def _tied_weights(model: nn.Module) -> set[str]:
             for n in names}
 
 
+def _check_patterns(config: SpReConfig, names: list[str]) -> None:
+    """An include that matches no layer raises (the model would come back with every layer dense;
+    `include=()` asks for that: convert then only folds BatchNorms);
+    any other include or skip pattern that matches no layer warns: pattern lists shared across
+    models (mmdet configs, one skip list for several backbones) may hold some a model lacks."""
+    def unmatched(patterns) -> list[str]:
+        return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    hint = (f"patterns match whole qualified names (fnmatch: 'layer1.*' matches the layers inside "
+            f"'layer1'); this model's layers are named like {names[:3]}; spre_fx.report(model) lists all")
+    if not names:
+        return
+    if config.include and len(unmatched(config.include)) == len(config.include):  # () asks for no layer
+        raise ValueError(f"include={config.include!r} matches no conv or linear layer, so every layer "
+                         f"would stay dense: {hint}")
+    for kind, patterns in (("include", config.include or ()), ("skip", config.skip)):
+        for p in unmatched(patterns):
+            warnings.warn(f"{kind} pattern {p!r} matches no conv or linear layer: {hint}", UserWarning,
+                          stacklevel=4)
+
+
 def discover(model: nn.Module, config: SpReConfig, concrete_args: dict[str, Any] | None = None) -> Plan:
     """Decide, for every conv and linear of `model`, its treatment and the reason for it."""
+    _check_patterns(config, [n for n, m in model.named_modules() if is_layer(m)])
     failures: list[tuple[str, str]] = []
     flows = trace_flows(model, concrete_args, failures)
     modules = dict(model.named_modules())

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .deploy.advisor import FlopEstimate, KernelAdvice, advise
 from .deploy.im2col import dense_weight
+from .inputs import check_input_size, describe, example_call, inputs_fit
 from .masks import magnitude_mask, mask_kernels, nm_violations, spatial_sparsity
 from .plan import LayerPlan, Treatment, plan_of
 
@@ -131,6 +132,16 @@ def _layer_report(lp: LayerPlan, module: nn.Module, n: int, m: int,
     )
 
 
+def _given(example_inputs: Any, example_kwargs: Any, input_size: Any) -> str:
+    """What report runs the model on, for messages; a wrong container or input_size refused."""
+    if input_size is not None:
+        check_input_size(input_size, "report")
+        return f"input_size={tuple(input_size)}"
+    if example_inputs is None:
+        return "none"
+    return describe(*example_call(example_inputs, example_kwargs, "report"))
+
+
 def report(
     model: nn.Module,
     example_inputs: Tensor | tuple | None = None,
@@ -151,7 +162,10 @@ def report(
     plan = plan_of(model)
     modules = dict(model.named_modules())
     n, m = plan.config.nm
-    advice = advise(model, example_inputs, example_kwargs=example_kwargs, input_size=input_size, dtype=dtype)
+    given = _given(example_inputs, example_kwargs, input_size)
+    with inputs_fit(model, given, "report", batched=input_size is not None):
+        advice = advise(model, example_inputs, example_kwargs=example_kwargs, input_size=input_size,
+                        dtype=dtype)
     with torch.no_grad():
         layers = tuple(
             _layer_report(lp, modules[lp.name], n, m, advice.layers[lp.name]) for lp in plan.layers

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .config import SpReConfig
 from .discovery import discover
@@ -24,9 +25,23 @@ __all__ = ["prepare"]
 log = logging.getLogger("spre_fx")
 
 
-def _check_finite(model: nn.Module) -> None:
+def _check_model(model: nn.Module) -> None:
+    """Refuse, before anything changes, what prepare cannot do right: TorchScript, lazy modules
+    not yet initialised, NaN/inf weights (tensors on the meta device hold no values to check)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"prepare got a TorchScript module ({type(model).__name__}, from torch.jit.script or trace): its "
+            "forward is compiled code that spre_fx cannot rewrite, so nothing would be prepared. Prepare "
+            "the Python nn.Module, train and convert it, then script the converted model")
+    lazy = next(((n, m) for n, m in model.named_modules()
+                 if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()), None)
+    if lazy is not None:
+        raise ValueError(
+            f"'{lazy[0] or '<model>'}' ({type(lazy[1]).__name__}) is a lazy module whose parameters are "
+            "not initialised yet: run one forward with a real input before spre_fx.prepare(model), "
+            "so that its weights have their shapes")
     tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
-               if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedParameter)]
+               if t.is_floating_point() and not t.is_meta]
     # One float64 reduction per tensor, no temporary: NaN and ±inf both survive a sum times 0.
     for name, t in tensors:
         if not torch.isfinite(t.detach().sum(dtype=torch.float64) * 0):
@@ -65,7 +80,7 @@ def prepare(
     config = _config(nm, spre, config, options)
     if is_prepared(model):
         raise ValueError("model is already prepared by spre_fx (prepare it once)")
-    _check_finite(model)
+    _check_model(model)
     if not inplace:
         model = model_copy(model)
     plan = discover(model, config, concrete_args)

@@ -10,6 +10,7 @@ checkpoint holds them.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import MaskStep, NMLayer
+from .layers import MaskStep, NMLayer, SpReConv2d, SpReNorm
 from .layers.nm import scheduled_updates
 from .module_tree import unwrap_model
 
@@ -86,6 +87,57 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+# optimizer -> the schedulers attached to it (weakly: a scheduler lives as long as its hook)
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _branch_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """(name, branch parameter, the user's parameter it sits beside) for every SpRe branch."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, SpReConv2d):
+            found.append((f"{name}.weight_rep", m.weight_rep, m.weight))
+        elif isinstance(m, SpReNorm) and m.weight is not None:
+            found += [(f"{name}.rep.{n}", p, m.weight) for n, p in m.rep.named_parameters()]
+    return found
+
+
+def _attached(scheduler: MaskScheduler | None) -> bool:
+    handle = getattr(scheduler, "_handle", None)  # None: its __init__ raised before attaching
+    return handle is not None and handle.id in handle.hooks_dict_ref()
+
+
+def _check_attachable(scheduler: MaskScheduler, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before anything changes, a scheduler that would train nothing or the wrong thing:
+    an optimizer without the model's (or the SpRe branches') parameters, and a second scheduler
+    on the same model or optimizer. Then record `scheduler` as the optimizer's."""
+    if any(_attached(ref()) for ref in _ATTACHED.get(optimizer, ())):
+        raise ValueError(
+            "this optimizer already drives a MaskScheduler: a second one would move masks on the same "
+            "steps under another schedule. Call .remove() on the first before attaching another (one "
+            "scheduler per optimizer; for two models, prepare and schedule them as one nn.ModuleDict)")
+    scheduled = next((name for name, m in scheduler.layers.items() if m.spre_fx.scheduled), None)
+    if scheduled is not None:
+        raise ValueError(
+            f"the masks of this model are already moved by a MaskScheduler (layer '{scheduled}'): a "
+            "second one would override its schedule. Call .remove() on the first before attaching another")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable and not any(id(p) in held for p in trainable):
+        raise ValueError(
+            "the optimizer holds none of the prepared model's parameters, so nothing would train: it was "
+            "probably built before spre_fx.prepare, which returns a copy by default. Build it from the "
+            "prepared model (torch.optim.SGD(prepared.parameters(), ...)), or prepare(model, inplace=True)")
+    missing = [name for name, p, beside in _branch_parameters(model)
+               if p.requires_grad and id(p) not in held and id(beside) in held]
+    if missing:
+        raise ValueError(
+            f"the optimizer lacks {len(missing)} SpRe branch parameter(s) (e.g. '{missing[0]}'), so the "
+            "branches would never train: it was built before prepare(model, inplace=True) added them. "
+            "Build the optimizer after prepare, from model.parameters()")
+    _ATTACHED.setdefault(optimizer, []).append(weakref.ref(scheduler))
+
+
 class MaskScheduler:
     """Moves the masks of a prepared model once per optimizer step, following a `MaskSchedule`.
 
@@ -109,6 +161,7 @@ class MaskScheduler:
         self.layers = {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, NMLayer)}
         if not self.layers:
             raise ValueError("the model has no N:M layers: call spre_fx.prepare(model) first")
+        _check_attachable(self, unwrap_model(model), self.optimizer)
         self.step = 0
         self._stats: dict[str, Any] = {}
         self._pending: tuple[int, dict[str, MaskStep]] | None = None

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .compare import flat_tensors, mismatch, relative_error
 from .deploy import dense_weight
+from .inputs import describe, example_call, inputs_fit
 from .layers import NMLayer, masks_of
 from .masks import nm_violations
 from .module_tree import modes_restored
@@ -175,8 +176,7 @@ def verify(
     """
     plan = plan_of(prepared, stage="prepared")
     plan_of(converted, stage="converted")
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = example_kwargs or {}
+    args, kwargs = example_call(example_inputs, example_kwargs, "verify")  # a tensor or a tuple, a dict
     dtype, device = _compute_dtype(prepared)
     reduced = dtype in REDUCED
     tol = _default_tolerance(dtype) if tolerance is None else tolerance
@@ -192,7 +192,8 @@ def verify(
             out_x = _run(_float32_twin(prepared), names, _as_float32(args), _as_float32(kwargs),
                          lambda n, out: exact[n].append(_stored(out)))
     reference: dict[str, list[Any]] = {n: [] for n in names}
-    out_p = _run(prepared, names, args, kwargs, lambda n, out: reference[n].append(_stored(out)))
+    with inputs_fit(prepared, describe(args, kwargs), "verify"):  # each layer says what does not fit
+        out_p = _run(prepared, names, args, kwargs, lambda n, out: reference[n].append(_stored(out)))
     counts = {n: len(calls) for n, calls in reference.items()}
     errors: dict[str, list[float]] = {n: [] for n in names}
     own: dict[str, list[float | None]] = {n: [] for n in names}  # the prepared call's, reduced precision

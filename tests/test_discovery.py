@@ -554,16 +554,23 @@ def _random_frozen_bn(c: int, eps: float):
 
 @pytest.mark.parametrize("eps", [0.0, 1e-5, 1e-3])
 def test_spre_branch_only_where_conv_and_batchnorm_train(eps):
-    """A frozen conv, or a norm that does not train (frozen affine, kept in eval, FrozenBatchNorm2d),
-    gets plain N:M with its norm folded at convert, and a reason that says why; the trainable pair
-    gets SpRe. Exact in float64, also for FrozenBatchNorm2d's own eps."""
+    """A frozen conv stays dense (prune_frozen=True: plain N:M), a norm that does not train
+    (frozen affine, kept in eval, FrozenBatchNorm2d) gives its conv plain N:M; each such norm is
+    folded at convert, and a reason says why; the trainable pair gets SpRe. Exact in float64, also
+    for FrozenBatchNorm2d's own eps."""
     pytest.importorskip("torchvision", reason="needs torchvision (FrozenBatchNorm2d)")
     torch.manual_seed(0)
     model = PartlyFrozen(_random_frozen_bn(8, eps)).double()
     layers = plan(model)
     assert layers["convs.0"].treatment == "spre"
+    frozen = layers["convs.1"]
+    assert (frozen.treatment, frozen.norm) == ("dense", "norms.1"), frozen
+    assert frozen.reason.startswith("weight does not train (requires_grad=False): pruning it could not "
+                                    "be recovered"), frozen.reason
+    pruned = plan(model, prune_frozen=True)["convs.1"]
+    assert (pruned.treatment, pruned.norm) == ("nm", "norms.1"), pruned
+    assert pruned.reason.startswith("no SpRe branch: weight does not train (frozen, requires_grad=False)")
     expected = {
-        "convs.1": "weight does not train (frozen, requires_grad=False)",
         "convs.2": "BatchNorm 'norms.2' is frozen (its affine parameters have requires_grad=False)",
         "convs.3": "BatchNorm 'norms.3' stays in eval mode while the model trains (mmdet: norm_eval=True)",
         "convs.4": "BatchNorm 'norms.4' is frozen (FrozenBatchNorm2d): SpRe's branch needs a BatchNorm",
@@ -574,13 +581,71 @@ def test_spre_branch_only_where_conv_and_batchnorm_train(eps):
         assert lp.reason.startswith("no SpRe branch: " + why), lp.reason
     x = tiny_input(dtype=torch.float64)
     p = spre_fx.prepare(model)
-    assert [type(c).__name__ for c in p.convs] == ["SpReConv2d"] + ["NMConv2d"] * 4
+    assert [type(c).__name__ for c in p.convs] == ["SpReConv2d", "Conv2d"] + ["NMConv2d"] * 3
     train_steps(p, x)
     p.eval()
     c = spre_fx.convert(p)
     assert spre_fx.verify(p, c, x).output_error <= 1e-10
     assert all(isinstance(n, spre_fx.FoldedBatchNorm) for n in c.norms)  # FrozenBatchNorm2d folded too
     assert all(plan(model, spre=False)[n].reason == "spre=False: plain N:M (SR-STE)" for n in expected)
+
+
+class FrozenLayers(nn.Module):
+    """Layers whose weights do not train: a conv whose weights are constants (ultralytics' DFL: a
+    1×1 conv over 16 bins with weights 0..15, no BatchNorm), a frozen 3×3 conv→BN (mmdet's
+    frozen_stages) and a frozen linear; and one conv that trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dfl = nn.Conv2d(16, 1, 1, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            self.dfl.weight.copy_(torch.arange(16.0).view(1, 16, 1, 1))
+        self.frozen = nn.Conv2d(16, 8, 3, padding=1, bias=False).requires_grad_(False)
+        self.frozen_bn = nn.BatchNorm2d(8)
+        self.trains = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4).requires_grad_(False)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        bins = self.dfl(x.softmax(1))
+        y = self.bn(self.trains(torch.relu(self.frozen_bn(self.frozen(x)))))
+        return self.head(y.mean((2, 3))) + bins.mean((1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("prune_frozen", [False, True])
+def test_weights_that_do_not_train_stay_dense_unless_asked(prune_frozen):
+    """A weight with requires_grad=False stays dense by default, with the reason; its BatchNorm is
+    still folded at convert. The DFL-like conv is untouched: the same values after prepare and after
+    convert. prune_frozen=True makes them N:M (no SpRe branch)."""
+    torch.manual_seed(0)
+    model = FrozenLayers()
+    dfl = model.dfl.weight.clone()
+    options = {"prune_frozen": True} if prune_frozen else {}  # the default says nothing
+    layers = plan(model, **options)
+    assert layers["trains"].treatment == "spre"
+    assert layers["frozen"].norm == "frozen_bn"
+    for name in ("dfl", "frozen", "head"):
+        lp = layers[name]
+        if prune_frozen:
+            assert lp.treatment == "nm", (name, lp.reason)
+        else:
+            assert lp.treatment == "dense", (name, lp.reason)
+            assert lp.reason == ("weight does not train (requires_grad=False): pruning it could not be "
+                                 "recovered, left dense; SpReConfig(prune_frozen=True) prunes it anyway")
+    p = spre_fx.prepare(model, **options)
+    train_steps(p, torch.randn(2, 3, 8, 8))
+    p.eval()
+    c = spre_fx.convert(p)
+    spre_fx.verify(p, c, torch.randn(2, 3, 8, 8))
+    if prune_frozen:
+        assert not torch.equal(c.dfl.weight, dfl)
+        assert {lr.name: lr.sparsity for lr in spre_fx.report(c).layers}["dfl"] == 0.5
+    else:
+        assert type(p.dfl) is nn.Conv2d and type(c.dfl) is nn.Conv2d
+        assert torch.equal(p.dfl.weight, dfl) and torch.equal(c.dfl.weight, dfl)
+        assert isinstance(c.frozen_bn, nn.Identity)  # the frozen conv's BatchNorm is folded
 
 
 def test_frozen_conv_computes_what_its_nm_counterpart_computes():

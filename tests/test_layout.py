@@ -22,7 +22,7 @@ PACKAGE = ROOT / "spre_fx"
 STAGES = {
     "spre_fx._native": 0, "spre_fx.config": 0, "spre_fx.registry": 0, "spre_fx.compare": 0,
     "spre_fx.module_tree": 0, "spre_fx.fusion": 0,
-    "spre_fx.masks": 1, "spre_fx.plan": 1,
+    "spre_fx.masks": 1, "spre_fx.plan": 1, "spre_fx.inputs": 1,
     "spre_fx.tracing": 2,
     "spre_fx.discovery": 3,
     "spre_fx.layers.tapconv": 3.5,

@@ -398,7 +398,10 @@ def test_shipped_config_loads_and_builds(kind, from_dense):
     # From scratch: the 3x3 convs of ResNet-50. From a dense checkpoint (frozen_stages=1,
     # norm_eval=True): no BatchNorm trains, so no SpRe branch; every 3x3 conv says why.
     assert spre == (0 if from_dense else 16)
-    assert sum(lp.treatment == "dense" for lp in plan.layers) == 1  # the stem
+    dense = {lp.name for lp in plan.layers if lp.treatment == "dense"}
+    # The stem; from a dense checkpoint also the frozen stage, whose weights do not train.
+    frozen = {lp.name for lp in plan.layers if from_dense and lp.name.startswith("backbone.layer1.")}
+    assert dense == {"backbone.conv1"} | frozen
     if from_dense:
         reasons = {lp.name: lp.reason for lp in plan.layers}
         assert "weight does not train" in reasons["backbone.layer1.0.conv2"]
@@ -406,7 +409,7 @@ def test_shipped_config_loads_and_builds(kind, from_dense):
 
 
 def test_frozen_stages_and_norm_eval_get_no_branch():
-    """frozen_stages=1: the frozen stage's convs get plain N:M, no branch; with norm_eval=False
+    """frozen_stages=1: the frozen stage's convs stay dense, no branch; with norm_eval=False
     the other stages get SpRe, their branch BatchNorms train with them. SyncBN in a single
     process becomes BN (the Runner would)."""
     from mmdet.registry import MODELS
@@ -424,7 +427,8 @@ def test_frozen_stages_and_norm_eval_get_no_branch():
     assert isinstance(free, SpReBatchNorm2d) and free.training and free.rep.training
     assert all(p.requires_grad for p in free.rep.parameters())
     reasons = {lp.name: lp.reason for lp in plan_of(model).layers}
-    assert reasons["backbone.layer1.0.conv1"].startswith("no SpRe branch: weight does not train")
+    assert reasons["backbone.layer1.0.conv1"].startswith("weight does not train")
+    assert plan_of(model).layer("backbone.layer1.0.conv1").treatment == "dense"
     x = torch.randn(1, 3, 64, 64)
     model.backbone(x)  # trains: the branches reach their BatchNorms
 
@@ -460,7 +464,7 @@ def test_frozen_stage_computes_what_its_nm_counterpart_computes(norm_eval):
     assert sum(lp.treatment == "spre" for lp in plan.layers) == (0 if norm_eval else 12)
     for lp in plan.layers:
         if lp.name.startswith("layer1."):
-            assert lp.reason.startswith("no SpRe branch: weight does not train"), lp.reason
+            assert lp.treatment == "dense" and lp.reason.startswith("weight does not train"), lp.reason
         elif norm_eval and lp.treatment == "nm" and lp.shape[-1] == 3:
             assert "stays in eval mode while the model trains (mmdet: norm_eval=True)" in lp.reason
     x = torch.randn(2, 3, 64, 64)

@@ -259,7 +259,7 @@ def test_remove_after_the_schedule_froze_every_mask_keeps_them_for_eval_copy_and
 
     torch.manual_seed(0)
     model = spre_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, bias=False),
-                                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)))
+                                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(128, 4)))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     sched = spre_fx.MaskScheduler(model, opt, nm_freeze_after=1, spatial_freeze_after=0)
     x = torch.randn(2, 3, 8, 8)

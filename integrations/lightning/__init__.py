@@ -6,6 +6,9 @@
 Needs the `lightning` extra: `pip install "spre_fx[lightning]"`. `import spre_fx` does not import it.
 """
 
-from .callback import SpReCallback
+from .. import requires_extra
+
+with requires_extra(__name__, "lightning", "PyTorch Lightning 2.x"):
+    from .callback import SpReCallback
 
 __all__ = ["SpReCallback"]

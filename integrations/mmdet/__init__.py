@@ -9,11 +9,15 @@ HOOKS, and the types mmengine checkpoints need with `torch.serialization.add_saf
 (checkpoint.py). README.md has the commands; configs/ the shipped configs.
 """
 
-from .checkpoint import SAFE_GLOBALS, register_safe_globals
+from .. import requires_extra
+
+# mmdet, mmcv, mmengine, or numpy, which they need
+with requires_extra(__name__, "mmdet", "mmdetection 3.x, mmcv 2.1.0 (built from source for torch 2.14: "
+                    "scripts/setup_venv.sh) and mmengine"):
+    from .checkpoint import SAFE_GLOBALS, register_safe_globals
+    from .detector import SpReDetector
+    from .hook import SpReHook
 
 register_safe_globals()
-
-from .detector import SpReDetector  # noqa: E402
-from .hook import SpReHook  # noqa: E402
 
 __all__ = ["SpReDetector", "SpReHook", "SAFE_GLOBALS", "register_safe_globals"]

@@ -7,6 +7,9 @@ Needs the `transformers` extra: `pip install "spre_fx[transformers]"` (transform
 `import spre_fx` does not import it.
 """
 
-from .callback import SpReTrainerCallback
+from .. import requires_extra
+
+with requires_extra(__name__, "transformers", "transformers 5.x and accelerate"):
+    from .callback import SpReTrainerCallback
 
 __all__ = ["SpReTrainerCallback"]

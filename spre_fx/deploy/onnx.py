@@ -55,6 +55,19 @@ class OnnxExport:
         return f"trtexec --onnx={self.path} --sparsity=enable --fp16"
 
 
+def _require_onnx(dynamo: bool = False) -> None:
+    """Raise an ImportError naming the extra when a package the ONNX path needs is missing."""
+    import importlib.util
+
+    needed = ("onnx", "onnxscript") if dynamo else ("onnx",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"spre_fx's ONNX export needs {' and '.join(missing)} (not installed; onnxscript runs "
+            'the default dynamo exporter): pip install "spre_fx[onnx]"'
+        )
+
+
 def _onnx_gemm_weights(model) -> list[tuple[str, str, Any]]:
     """(tensor name, op, weight as [O, K...]) for every Conv/Gemm/MatMul with a constant weight."""
     from onnx import helper, numpy_helper
@@ -87,6 +100,7 @@ def _onnx_gemm_weights(model) -> list[tuple[str, str, Any]]:
 def onnx_weights(onnx_model, converted: nn.Module) -> tuple[OnnxWeight, ...]:
     """Find every N:M layer of `converted` among the Conv/Gemm/MatMul weights of an ONNX model
     (a ModelProto or a path) and check its N:M pattern in the layout TensorRT reads."""
+    _require_onnx()
     import numpy as np
     import onnx
 
@@ -179,6 +193,7 @@ def export_onnx(
     kernels, which check its outputs, have no bfloat16): export a float16 or float32 copy.
     """
     plan = plan_of(converted, stage="converted")
+    _require_onnx(dynamo)
     _check_exportable_dtypes(converted, example_inputs)
     if has_sparse_kernels(converted):
         raise ValueError(

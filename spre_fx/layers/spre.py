@@ -9,6 +9,7 @@ activation). `convert` collapses the pair into one N:M conv (docs/method.md §4)
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,15 +53,24 @@ class SpReBranches(NamedTuple):
         )
 
 
-def _branch_generator(weight: Tensor) -> torch.Generator:
+def _tensor_bytes(t: Tensor) -> bytes:
+    """The bytes of `t`'s values (numpy's `tobytes`, without numpy: the core needs torch only)."""
+    flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return ctypes.string_at(flat.data_ptr(), flat.numel())
+
+
+def _branch_generator(weight: Tensor) -> torch.Generator | None:
     """A generator for the extra branch's init, seeded from the global RNG state and `weight`.
 
     It reads the global RNG without drawing from it, so `prepare(spre=True)` leaves it where
     `spre=False` does (paired SR-STE/SpRe runs see the same data order and dropout); `weight`'s
     bytes make every layer's stream its own (a `fork_rng` per layer would repeat one stream).
+    None for a weight on the meta device: it has no values to read, and the branch's neither.
     """
-    digest = hashlib.blake2b(torch.random.get_rng_state().numpy().tobytes(), digest_size=8)
-    digest.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if weight.is_meta:
+        return None
+    digest = hashlib.blake2b(_tensor_bytes(torch.random.get_rng_state()), digest_size=8)
+    digest.update(_tensor_bytes(weight))
     return torch.Generator(device=weight.device).manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
 
 
@@ -81,7 +91,10 @@ class SpReConv2d(NMLayer, nn.Conv2d):
         nn.init.kaiming_normal_(rep, mode="fan_in", generator=_branch_generator(w))
         new.weight_rep = nn.Parameter(rep, requires_grad=w.requires_grad)
         hint = spatial_hint()
-        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m, hint))
+        # A weight on the meta device has no values to rank: a placeholder of S's shape, replaced
+        # by the loaded one (or recomputed from the loaded weight) after `to_empty`.
+        s = torch.ones(w.shape[2:], dtype=torch.bool, device=w.device) if w.is_meta else None
+        new.register_buffer("spatial_mask", spatial_mask(w, 1.0 - n / m, hint) if s is None else s)
         new.init_masks(type(module), n, m, decay)
         new.spre_fx.caches["spatial_hint"] = hint
         return new
