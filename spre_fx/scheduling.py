@@ -103,8 +103,8 @@ def _branch_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Par
 
 
 def _attached(scheduler: MaskScheduler | None) -> bool:
-    handle = getattr(scheduler, "_handle", None)  # None: its __init__ raised before attaching
-    return handle is not None and handle.id in handle.hooks_dict_ref()
+    handles = getattr(scheduler, "_handles", ())  # (): its __init__ raised before attaching
+    return any(h.id in h.hooks_dict_ref() for h in handles)
 
 
 def _check_attachable(scheduler: MaskScheduler, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
