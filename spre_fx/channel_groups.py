@@ -5,8 +5,9 @@ weight rows and bias; everything that carries channels one for one (norms, activ
 depthwise convs, per-channel scales) moves with it, and so does every consumer's input columns.
 Residual adds and other element-wise ops join groups, concatenations place them at offsets,
 channel splits cut layouts at their boundaries. An op whose channel semantics are not known
-refuses the groups that reach it, with a reason; so does a graph output, a module called from
-several places, and a parameter read directly. permutation.py searches and applies the orders.
+refuses the groups that reach it, with a reason; so does a graph output and a parameter read
+directly. A module called from several places moves once: whatever passes through it joins.
+permutation.py collects the groups, searches and applies the orders.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from .module_tree import module_aliases
 from .registry import is_norm, norm_spec
-from .tracing import trace_graphs
 
-__all__ = ["ChannelGroup", "find_channel_groups"]
+__all__ = ["ChannelFlow"]
 
 
 @dataclass(frozen=True)
@@ -147,15 +147,20 @@ def _axes(index: int, rank: int) -> frozenset:
 def _flows_in(obj: Any) -> list:
     if isinstance(obj, (_Flow, _Attr)):
         return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [f for v in obj for f in _flows_in(v)]
-    if isinstance(obj, dict):
-        return [f for v in obj.values() for f in _flows_in(v)]
-    return []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    return [f for v in items for f in _flows_in(v)]
 
 
-class _Analysis:
-    """Reads every graph's data flow into groups, members and blocked modules."""
+class ChannelFlow:
+    """Reads the data flow of fx graphs (`read`, once per graph of each mode) into:
+
+    groups: union-find over channel groups (size, block, refused reason per root);
+    members: (role, name, offset) -> the groups seen there; role "out" (a layer's weight rows
+        and bias), "in" (a layer's input columns), "carry" (a module's per-channel tensors) or
+        "param" (a tensor the graph reads; param_dim says along which dim); -1 for channels
+        that never move;
+    blocked: module or tensor name -> why nothing of it may move.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = dict(model.named_modules(remove_duplicate=False))
@@ -263,6 +268,8 @@ class _Analysis:
 
     def carried(self, name: str, m: nn.Module, f: _Flow, what: str) -> _Flow:
         c = f.size
+        if c is None:
+            return self.unknown(what, (f,), {})
         tensors = [t for t in (*m.parameters(), *m.buffers()) if t.numel() > 1]
         if isinstance(m, nn.LayerNorm):
             ok = -1 in f.axes and tuple(m.normalized_shape) == (c,)
@@ -274,17 +281,15 @@ class _Analysis:
             ok = 1 in f.axes and (isinstance(m, nn.PReLU) or norm_spec(m) is not None)
         else:
             return self.unknown(what, (f,), {})
-        if not ok or c is None or any(t.dim() != 1 or t.shape[0] != c for t in tensors):
+        if not ok or any(t.dim() != 1 or t.shape[0] != c for t in tensors):
             return self.unknown(f"{what} (per-channel state that does not match {c} channels)", (f,), {})
         self.member("carry", name, f, what)
         return f
 
     def spatial(self, f: _Flow, unit: bool, what: str) -> _Flow:
-        if f is _FIXED:
-            return f
-        if 1 not in f.axes or f.rank is None or f.rank < 3:
+        if f is not _FIXED and (1 not in f.axes or f.rank is None or f.rank < 3):
             return self.unknown(f"{what} on a tensor whose channels are not on axis 1", (f,), {})
-        return _Flow(f.segs, f.axes, f.rank, unit)
+        return f if f is _FIXED else _Flow(f.segs, f.axes, f.rank, unit)
 
     def flatten(self, f: _Flow, start: int, end: int, what: str) -> _Flow:
         if f is _FIXED:
@@ -442,47 +447,3 @@ class _Analysis:
                 size -= length
             pieces.append(_Flow(tuple(piece), x.axes, x.rank, x.unit))
         return tuple(pieces)
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Channels that move together: members are (role, name, offset) with role "out" (a layer's
-    weight rows and bias), "in" (a layer's input columns), "carry" (a module's per-channel
-    tensors) or "param" (a tensor read by the graph; param_dims says along which dim)."""
-
-    size: int
-    block: int  # channels move only within aligned blocks of this size
-    members: tuple[tuple[str, str, int], ...]
-    param_dims: dict
-    refused: str  # why the group cannot move ('' when it can)
-
-
-def find_channel_groups(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> list[ChannelGroup]:
-    """The channel groups of `model`, read from its fx graphs in training and in eval mode."""
-    found = _Analysis(model)
-    for graphs in trace_graphs(model, concrete_args, []):
-        for prefix, graph in graphs:
-            found.read(prefix, graph)
-    groups = found.groups
-    # One tensor seen at several call sites (or in both modes) moves once: whatever passes it joins.
-    for (_, name, _), gids in found.members.items():
-        for g in gids[1:]:
-            groups.join(gids[0], g, f"'{name}' called with other channels, so it is")
-    owners: dict[int, set[str]] = {}
-    for name, m in found.modules.items():
-        for t in m.parameters(recurse=False):
-            owners.setdefault(id(t), set()).add(found.canonical[name])
-    tied = {n for names in owners.values() if len(names) > 1 for n in names}
-    by_root: dict[int, list[tuple[str, str, int]]] = {}
-    for (role, name, offset), gids in found.members.items():
-        if max(gids) < 0:
-            continue
-        gids = sorted(gids, reverse=True)
-        why = next((w for b, w in found.blocked.items() if name == b or b.startswith(name + ".")), "")
-        if name in tied:
-            why = f"'{name}' shares a parameter with another module"
-        if why:
-            groups.refuse(gids[0], why)
-        by_root.setdefault(groups.find(gids[0]), []).append((role, name, offset))
-    return [ChannelGroup(groups.size[r], groups.block[r], tuple(ms), dict(found.param_dim),
-                         groups.refused.get(r, "")) for r, ms in sorted(by_root.items())]

@@ -65,7 +65,7 @@ def search_permutation(magnitudes: Tensor, n: int, m: int, *, rounds: int = 12, 
     perm = torch.arange(c, device=magnitudes.device).view(groups, m)
     if groups < 2 or rows == 0:
         return perm.reshape(-1)
-    w = magnitudes.t().reshape(groups, m, rows).contiguous()
+    w = magnitudes.t().reshape(groups, m, rows).clone(memory_format=torch.contiguous_format)  # never a view
     gen = torch.Generator().manual_seed(seed)
     step = max(1, _CHUNK // (m * m * rows))
     idle, patience = 0, min(groups - 1, 4)

@@ -16,14 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .channel_groups import ChannelGroup, find_channel_groups
+from .channel_groups import ChannelFlow
 from .channel_search import nm_kept, search_permutation
 from .config import SpReConfig
 from .discovery import discover
 from .module_tree import model_copy
 from .plan import Treatment, is_prepared
+from .tracing import trace_graphs
 
-__all__ = ["PermutedGroup", "Permutation", "permute_channels", "permutation_of"]
+__all__ = ["ChannelGroup", "PermutedGroup", "Permutation", "find_channel_groups", "permute_channels",
+           "permutation_of"]
 
 _ATTRIBUTE = "_spre_fx_permutation"
 
@@ -76,6 +78,50 @@ class Permutation:
             lines.append(f"  {', '.join(g.producers)} ({g.channels} ch): "
                          + (f"{what}; {g.reason}" if g.applied else f"left as is: {g.reason}"))
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that move together: members are (role, name, offset) with role "out" (a layer's
+    weight rows and bias), "in" (a layer's input columns), "carry" (a module's per-channel
+    tensors) or "param" (a tensor read by the graph; param_dims says along which dim)."""
+
+    size: int
+    block: int  # channels move only within aligned blocks of this size
+    members: tuple[tuple[str, str, int], ...]
+    param_dims: dict
+    refused: str  # why the group cannot move ('' when it can)
+
+
+def find_channel_groups(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> list[ChannelGroup]:
+    """The channel groups of `model`, read from its fx graphs in training and in eval mode."""
+    found = ChannelFlow(model)
+    for graphs in trace_graphs(model, concrete_args, []):
+        for prefix, graph in graphs:
+            found.read(prefix, graph)
+    groups = found.groups
+    # One tensor seen at several call sites (or in both modes) moves once: whatever passes it joins.
+    for (_, name, _), gids in found.members.items():
+        for g in gids[1:]:
+            groups.join(gids[0], g, f"'{name}' called with other channels, so it is")
+    owners: dict[int, set[str]] = {}
+    for name, m in found.modules.items():
+        for t in m.parameters(recurse=False):
+            owners.setdefault(id(t), set()).add(found.canonical[name])
+    tied = {n for names in owners.values() if len(names) > 1 for n in names}
+    by_root: dict[int, list[tuple[str, str, int]]] = {}
+    for (role, name, offset), gids in found.members.items():
+        if max(gids) < 0:
+            continue
+        gids = sorted(gids, reverse=True)
+        why = next((w for b, w in found.blocked.items() if name == b or b.startswith(name + ".")), "")
+        if name in tied:
+            why = f"'{name}' shares a parameter with another module"
+        if why:
+            groups.refuse(gids[0], why)
+        by_root.setdefault(groups.find(gids[0]), []).append((role, name, offset))
+    return [ChannelGroup(groups.size[r], groups.block[r], tuple(ms), dict(found.param_dim),
+                         groups.refused.get(r, "")) for r, ms in sorted(by_root.items())]
 
 
 def permutation_of(model: nn.Module) -> Permutation | None:
