@@ -3,10 +3,10 @@
 N:M keeps the N largest of every M consecutive input channels (masks.py); reordering the
 channels changes which weights share a group, so a good order keeps more magnitude (NVIDIA
 ASP's objective, Pool & Yu, NeurIPS 2021). The search here is a swap-based local search over
-pairs of M-groups: every round pairs the groups at random and, for each pair, makes the one
-channel swap between them that gains the most, if any does. It never returns an order that
-keeps less than the identity. docs/pipeline.md "Channel permutation" says what it finds against
-an exhaustive search.
+pairs of M-groups: every round pairs the groups (a round-robin schedule, in a seeded order) and,
+for each pair, makes the one channel swap between them that gains the most, if any does. It
+never returns an order that keeps less than the identity. docs/pipeline.md "Channel
+permutation" says what it finds against an exhaustive search.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def search_permutation(magnitudes: Tensor, n: int, m: int, *, rounds: int = 12, 
 
     Swapping channel i of group X with channel j of group Y changes only X's and Y's top-N sums;
     with X∖i's top-N sum T and N-th largest t, the top-N sum of X∖i ∪ {j} is T + max(0, w_j - t),
-    so every swap of a pair of groups is scored at once. Stops after `rounds`, or earlier once
-    as many rounds in a row as there are other groups (at most 4) found no gain.
+    so every swap of a pair of groups is scored at once. Stops after `rounds`, or earlier at a
+    local optimum: a full round-robin of group pairs without a gain.
     """
     rows, c = magnitudes.shape
     if c % m or not 1 <= n < m:
@@ -66,15 +66,22 @@ def search_permutation(magnitudes: Tensor, n: int, m: int, *, rounds: int = 12, 
     if groups < 2 or rows == 0:
         return perm.reshape(-1)
     w = magnitudes.t().reshape(groups, m, rows).clone(memory_format=torch.contiguous_format)  # never a view
-    gen = torch.Generator().manual_seed(seed)
+    # Round-robin (circle method) over the groups in a seeded order: every `slots - 1` rounds
+    # pair each group with each other one once, so that many idle rounds in a row is a local optimum.
+    labels = torch.randperm(groups, generator=torch.Generator().manual_seed(seed)).tolist()
+    labels += [-1] * (groups % 2)
+    slots = len(labels)
     step = max(1, _CHUNK // (m * m * rows))
-    idle, patience = 0, min(groups - 1, 4)
-    for _ in range(rounds):
-        order = torch.randperm(groups, generator=gen).to(perm.device)
-        half = groups // 2
+    idle = 0
+    for r in range(rounds):
+        k = r % (slots - 1)
+        ring = [labels[0], *labels[1:][k:], *labels[1:][:k]]
+        pairs = [(a, b) for a, b in zip(ring[:slots // 2], reversed(ring[slots // 2:])) if a >= 0 and b >= 0]
+        left = torch.tensor([a for a, _ in pairs], device=w.device)
+        right = torch.tensor([b for _, b in pairs], device=w.device)
         swapped = 0
-        for start in range(0, half, step):
-            a, b = order[start:min(start + step, half)], order[half + start:half + min(start + step, half)]
+        for start in range(0, len(pairs), step):
+            a, b = left[start:start + step], right[start:start + step]
             x, y = w[a], w[b]
             top_x, nth_x, kept_x = _without_each(x, n, m)
             top_y, nth_y, kept_y = _without_each(y, n, m)
@@ -89,6 +96,6 @@ def search_permutation(magnitudes: Tensor, n: int, m: int, *, rounds: int = 12, 
             w[a, i], w[b, j] = w[b, j].clone(), w[a, i].clone()
             swapped += int(ok.sum())
         idle = 0 if swapped else idle + 1
-        if idle >= patience:
+        if idle >= slots - 1:
             break
     return perm.reshape(-1)

@@ -89,9 +89,9 @@ def test_search_against_exhaustive_on_small_groups(n, m, c):
         assert base - 1e-12 <= found <= best + 1e-12
         gains.append(found - base)
         gaps.append(best - base)
-    # Deterministic (fixed seeds). Single swaps stop at local optima: measured 72-98 % of the
-    # exhaustive gain over these cases (docs/pipeline.md), so 65 % guards against regressions.
-    assert sum(gains) >= 0.65 * sum(gaps), (gains, gaps)
+    # Deterministic (fixed seeds). Single swaps stop at local optima: measured 94-100 % of the
+    # exhaustive gain over each set of cases (docs/pipeline.md), so 90 % guards against regressions.
+    assert sum(gains) >= 0.9 * sum(gaps), (gains, gaps)
 
 
 @settings(max_examples=25, deadline=None)
