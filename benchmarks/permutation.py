@@ -82,23 +82,28 @@ def trained_digits(width: int, epochs: int) -> nn.Module:
     return run.model
 
 
-def nm_share(model: nn.Module, n: int, m: int) -> float:
-    prepared = spre_fx.prepare(model, (n, m), spre=False)
+def nm_layers(model: nn.Module, n: int, m: int) -> list[str]:
+    """The layers `prepare` makes N:M (the same names before and after permutation)."""
+    plan = spre_fx.plan_of(spre_fx.prepare(model, (n, m), spre=False))
+    return [lp.name for lp in plan.layers if lp.treatment != Treatment.DENSE]
+
+
+def nm_share(model: nn.Module, names: list[str], n: int, m: int) -> float:
     kept = total = 0.0
-    for lp in spre_fx.plan_of(prepared).layers:
-        if lp.treatment != Treatment.DENSE:
-            w = prepared.get_submodule(lp.name).weight.detach().abs().double()
-            kept += float(w[nm_mask(w, n, m)].sum())
-            total += float(w.sum())
+    for name in names:
+        w = model.get_submodule(name).weight.detach().abs().double()
+        kept += float(w[nm_mask(w, n, m)].sum())
+        total += float(w.sum())
     return kept / total if total else float("nan")
 
 
 def row(label: str, model: nn.Module, n: int, m: int, rounds: int) -> str:
-    before = nm_share(model, n, m)
+    names = nm_layers(model, n, m)
+    before = nm_share(model, names, n, m)
     start = time.perf_counter()
     permuted = spre_fx.permute_channels(model, (n, m), rounds=rounds)
     seconds = time.perf_counter() - start
-    after = nm_share(permuted, n, m)
+    after = nm_share(permuted, names, n, m)
     rec = spre_fx.permutation_of(permuted)
     applied = sum(g.applied for g in rec.groups)
     return (f"| {label} | {n}:{m} | {before:.2%} | {after:.2%} | {100 * (after - before):+.2f} | "

@@ -1,13 +1,11 @@
 """Channel groups: which channels of a model can be reordered together without changing it.
 
-From the fx graphs of both modes (tracing.py), every conv/linear output starts a group: its
-weight rows and bias; everything that carries channels one for one (norms, activations, pooling,
-depthwise convs, per-channel scales) moves with it, and so does every consumer's input columns.
-Residual adds and other element-wise ops join groups, concatenations place them at offsets,
-channel splits cut layouts at their boundaries. An op whose channel semantics are not known
-refuses the groups that reach it, with a reason; so does a graph output and a parameter read
-directly. A module called from several places moves once: whatever passes through it joins.
-permutation.py collects the groups, searches and applies the orders.
+From the fx graphs of both modes (tracing.py), every conv/linear output starts a group; what
+carries channels one for one (norms, activations, pooling, depthwise convs, per-channel scales)
+moves with it, and so do its consumers' input columns. Element-wise ops join groups, concats
+place them at offsets, channel splits cut layouts. An op whose channel semantics are not known,
+a graph output and a parameter read directly refuse the groups that reach them, with a reason.
+permutation.py collects the groups, searches and applies the orders (docs/pipeline.md).
 """
 
 from __future__ import annotations
@@ -41,8 +39,7 @@ class _Flow:
 
     @property
     def size(self) -> int | None:
-        sizes = [s for _, s in self.segs]
-        return None if None in sizes else sum(sizes)
+        return None if any(s is None for _, s in self.segs) else sum(s for _, s in self.segs)
 
 
 _FIXED = _Flow(((-1, None),), frozenset(), None)
@@ -65,7 +62,13 @@ _BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, operator.
 _BINARY_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "div_", "maximum", "minimum"}
 _POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
                    F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d}
-_LAYERS = (_ConvNd, nn.Linear)
+# Results that carry no channel order: shapes, and fresh tensors that are constant or random
+# per element (like dropout's mask: stochastic depth's `x.new_empty(size).bernoulli_(p)`).
+_SHAPE_ONLY = {"size", "dim", "numel", "new_empty", "new_zeros", "new_ones", "new_full", torch.zeros_like,
+               torch.ones_like, torch.rand_like}
+# Wrapped functions fx keeps as one call, known by name (their package is not imported here):
+# stochastic depth drops whole samples (or the batch), never single channels.
+_UNARY_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth", "timm.layers.drop.drop_path"}
 _STOCK_FORWARD = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
 
 
@@ -79,9 +82,7 @@ class _Groups:
         self.refused: dict[int, str] = {}
 
     def new(self, size: int, block: int) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(size)
-        self.block.append(block)
+        self.parent.append(len(self.parent)), self.size.append(size), self.block.append(block)
         return len(self.parent) - 1
 
     def find(self, g: int) -> int:
@@ -110,13 +111,10 @@ class _Groups:
             self.refused.setdefault(a, self.refused[b])
 
     def constrain(self, g: int, offset: int, length: int | None, block: int, what: str) -> None:
-        if g < 0:
-            return
-        root = self.find(g)
-        if length is None or offset % block or length % block:
-            self.refuse(root, f"{what} groups channels in blocks of {block} that cut it")
-        else:
-            self.block[root] = math.gcd(self.block[root], block)
+        if g >= 0 and (length is None or offset % block or length % block):
+            self.refuse(g, f"{what} groups channels in blocks of {block} that cut it")
+        elif g >= 0:
+            self.block[self.find(g)] = math.gcd(self.block[self.find(g)], block)
 
 
 @dataclass(frozen=True)
@@ -133,6 +131,10 @@ def _segments(flow: _Flow):
     for g, length in flow.segs:
         yield g, offset, length
         offset = None if offset is None or length is None else offset + length
+
+
+def _qualname(target: Any) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
 
 
 def _channel_dim(f: _Flow) -> int | None:
@@ -157,22 +159,22 @@ class ChannelFlow:
     groups: union-find over channel groups (size, block, refused reason per root);
     members: (role, name, offset) -> the groups seen there; role "out" (a layer's weight rows
         and bias), "in" (a layer's input columns), "carry" (a module's per-channel tensors) or
-        "param" (a tensor the graph reads; param_dim says along which dim); -1 for channels
-        that never move;
+        "param" (a tensor the graph reads; param_dim: along which dim); -1: channels that never move;
     blocked: module or tensor name -> why nothing of it may move.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.canonical = {n: names[0] for names in module_aliases(model).values() for n in names}
-        self.tensors = {**dict(model.named_parameters(remove_duplicate=False)),
-                        **dict(model.named_buffers(remove_duplicate=False))}
+        self.tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(
+            remove_duplicate=False))}
+        self.first_name = {id(t): n for n, t in reversed(self.tensors.items())}  # what apply uses
         self.groups = _Groups()
         self.members: dict[tuple[str, str, int], list[int]] = {}
         self.param_dim: dict[str, int] = {}
         self.blocked: dict[str, str] = {}
+        self.read_owners: set[str] = set()  # modules whose tensors the graph reads with get_attr
 
-    # -- members and refusals
     def member(self, role: str, name: str, flow: _Flow, what: str) -> None:
         for g, offset, _ in _segments(flow):
             if offset is None:
@@ -197,7 +199,6 @@ class ChannelFlow:
             return {k: self.value(v, flows) for k, v in arg.items()}
         return arg
 
-    # -- the graph walk
     def read(self, prefix: str, graph: fx.Graph) -> None:
         flows: dict[fx.Node, Any] = {}
         for node in graph.nodes:
@@ -207,7 +208,9 @@ class ChannelFlow:
             elif node.op == "get_attr":
                 name = f"{prefix}.{node.target}" if prefix else node.target
                 t = self.tensors.get(name)
-                flows[node] = _Attr(name, t) if t is not None else _FIXED
+                owner = name.rpartition(".")[0]
+                self.read_owners.add(self.canonical.get(owner, owner))
+                flows[node] = _Attr(self.first_name[id(t)], t) if t is not None else _FIXED
             elif node.op == "output":
                 self.refuse(args, "is an output of the traced graph (its order is the caller's)")
             elif node.op == "call_module":
@@ -325,9 +328,7 @@ class ChannelFlow:
             for (a, _), (b, _) in zip(ref.segs, f.segs):
                 self.groups.join(a, b, f"joined by {what}")
         for a in attrs:
-            t, owner = a.tensor, self.modules.get(a.name.rpartition(".")[0])
-            if isinstance(owner, (*_LAYERS, nn.LayerNorm, nn.GroupNorm, nn.PReLU)) or is_norm(owner):
-                return self.unknown(f"{what} reading '{a.name}' directly", operands, {})
+            t = a.tensor
             if t.numel() == 1:
                 continue
             d = None if ref.rank is None else (1 if 1 in ref.axes else ref.rank - 1) - (ref.rank - t.dim())
@@ -342,7 +343,7 @@ class ChannelFlow:
 
     def function(self, op: str, target: Any, what: str, args: tuple, kwargs: dict) -> Any:
         x = args[0] if args else None
-        if op == "call_method" and target in ("size", "dim", "numel"):
+        if target in _SHAPE_ONLY:  # reads only shape, dtype, device: constants or per-element noise
             return _SCALAR
         if target is getattr:
             return _SCALAR if isinstance(x, _Flow) else self.unknown(f"getattr {args[1]}", args, {})
@@ -350,14 +351,14 @@ class ChannelFlow:
             if isinstance(x, tuple) and isinstance(args[1], int):
                 return x[args[1]]
             return _SCALAR if x is _SCALAR else self.unknown("indexing", args, kwargs)
+        if x is _SCALAR and op == "call_method" and not _flows_in((args, kwargs)):
+            return _SCALAR  # e.g. stochastic depth's noise.bernoulli_(p).div_(p)
         if not isinstance(x, _Flow) and target not in _BINARY and target not in (torch.cat, torch.concat):
             return self.unknown(f"'{what}'", args, kwargs)
-        if target in _UNARY_FUNCTIONS or (op == "call_method" and target in _UNARY_METHODS
-                                          and target not in _BINARY_METHODS):
-            if op == "call_method" and target in ("to", "type_as"):
-                return x
-            return self.elementwise([*args, *kwargs.values()], f"'{what}'")
-        if target in _BINARY or (op == "call_method" and target in _BINARY_METHODS):
+        if op == "call_method" and target in ("to", "type_as"):
+            return x
+        if (target in _UNARY_FUNCTIONS or target in _BINARY or _qualname(target) in _UNARY_BY_NAME
+                or op == "call_method" and target in _UNARY_METHODS | _BINARY_METHODS):
             return self.elementwise([*args, *kwargs.values()], f"'{what}'")
         if target in _POOL_FUNCTIONS:
             size = args[1] if len(args) > 1 else kwargs.get("output_size")

@@ -20,6 +20,15 @@ __all__ = ["nm_kept", "search_permutation"]
 _CHUNK = 1 << 23
 
 
+def _sorted(values: list[Tensor]) -> list[Tensor]:
+    """The m tensors sorted elementwise, largest first: a compare-exchange network (m small)."""
+    s = list(values)
+    for i in range(len(s) - 1):
+        for j in range(len(s) - 1 - i):
+            s[j], s[j + 1] = torch.maximum(s[j], s[j + 1]), torch.minimum(s[j], s[j + 1])
+    return s
+
+
 def nm_kept(magnitudes: Tensor, n: int, m: int, perm: Tensor | None = None) -> float:
     """Σ of what N:M keeps of `magnitudes` ([rows, C], C a multiple of M, values >= 0), the
     columns taken in the order `perm` (new position p holds column perm[p]), in float64."""
@@ -27,7 +36,8 @@ def nm_kept(magnitudes: Tensor, n: int, m: int, perm: Tensor | None = None) -> f
     rows, c = a.shape
     if c % m:
         raise ValueError(f"{c} channels are not a multiple of M={m}")
-    return float(a.reshape(rows, c // m, m).topk(n, dim=-1).values.sum(dtype=torch.float64))
+    top = _sorted(list(a.reshape(rows, c // m, m).unbind(-1)))[:n]
+    return float(sum(t.sum(dtype=torch.float64) for t in top))
 
 
 def _without_each(z: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,10 +47,7 @@ def _without_each(z: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
     The group's values are sorted by a compare-exchange network over its m rows (no sort, no
     scatter). Member i is in the top N when z_i >= s_{N-1}; on a tie either reading gives the
     same sums."""
-    s = list(z.unbind(1))
-    for i in range(m - 1):
-        for j in range(m - 1 - i):
-            s[j], s[j + 1] = torch.maximum(s[j], s[j + 1]), torch.minimum(s[j], s[j + 1])
+    s = _sorted(list(z.unbind(1)))
     kept = torch.stack(s[:n]).sum(0)
     in_top = (z >= s[n - 1].unsqueeze(1)).to(z.dtype)
     total = kept.sum(-1)

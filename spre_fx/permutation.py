@@ -24,8 +24,8 @@ from .module_tree import model_copy
 from .plan import Treatment, is_prepared
 from .tracing import trace_graphs
 
-__all__ = ["ChannelGroup", "PermutedGroup", "Permutation", "find_channel_groups", "permute_channels",
-           "permutation_of"]
+__all__ = ["ChannelGroup", "PermutedGroup", "Permutation", "find_channel_groups", "apply_permutation",
+           "permute_channels", "permutation_of"]
 
 _ATTRIBUTE = "_spre_fx_permutation"
 
@@ -117,6 +117,8 @@ def find_channel_groups(model: nn.Module, concrete_args: dict[str, Any] | None =
         why = next((w for b, w in found.blocked.items() if name == b or b.startswith(name + ".")), "")
         if name in tied:
             why = f"'{name}' shares a parameter with another module"
+        if role != "param" and name in found.read_owners:
+            why = f"'{name}'s tensors are also read directly in the forward"
         if why:
             groups.refuse(gids[0], why)
         by_root.setdefault(groups.find(gids[0]), []).append((role, name, offset))
@@ -185,8 +187,9 @@ def _index(t: Tensor, dim: int, offset: int, perm: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _apply(model: nn.Module, group: ChannelGroup, perm: Tensor) -> None:
-    """Permute every tensor of `group` in place (each keeps its object and name)."""
+def apply_permutation(model: nn.Module, group: ChannelGroup, perm: Tensor) -> None:
+    """Permute every tensor of `group` in place (each keeps its object and name): new channel p
+    is old channel perm[p]. `perm` must keep every aligned block of `group.block` channels."""
     modules = dict(model.named_modules())
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for role, name, offset in group.members:
@@ -244,7 +247,7 @@ def permute_channels(
     for group in find_channel_groups(model, concrete_args):
         perm, record = _search(group, layers, nm_layers, config.n, config.m, rounds, seed)
         if perm is not None:
-            _apply(model, group, perm)
+            apply_permutation(model, group, perm)
         records.append(record)
     nm_channels = sum(layers[name].weight.shape[1] * getattr(layers[name], "groups", 1) for name in nm_layers)
     object.__setattr__(model, _ATTRIBUTE, Permutation(
