@@ -7,7 +7,8 @@ and how many channels it covers, on models nobody here wrote.
 Per model and N:M: the share of Σ|w| over the layers `prepare` makes N:M that magnitude N:M
 keeps (read from the masks of `spre_fx.masks.nm_mask`, not from the search's bookkeeping),
 before and after permutation; the gain in points; the wall time of `permute_channels`
-(tracing, discovery, search, application); coverage, the share of the N:M layers' input
+(tracing, discovery, search, application) and its CPU time (wall time on a shared machine
+drifts with the other load; CPU time much less); coverage, the share of the N:M layers' input
 channels whose order was searched and changed; and the groups permuted / all groups.
 
 Models: torchvision and timm classifiers, a torchvision detection backbone (with its FPN) and
@@ -100,14 +101,14 @@ def nm_share(model: nn.Module, names: list[str], n: int, m: int) -> float:
 def row(label: str, model: nn.Module, n: int, m: int, rounds: int) -> str:
     names = nm_layers(model, n, m)
     before = nm_share(model, names, n, m)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     permuted = spre_fx.permute_channels(model, (n, m), rounds=rounds)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     after = nm_share(permuted, names, n, m)
     rec = spre_fx.permutation_of(permuted)
     applied = sum(g.applied for g in rec.groups)
     return (f"| {label} | {n}:{m} | {before:.2%} | {after:.2%} | {100 * (after - before):+.2f} | "
-            f"{seconds:.1f} | {rec.coverage:.0%} | {applied}/{len(rec.groups)} |")
+            f"{seconds:.1f} / {cpu:.1f} | {rec.coverage:.0%} | {applied}/{len(rec.groups)} |")
 
 
 def asp_matrix(rounds: int) -> None:
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     nms = [tuple(int(v) for v in s.split(":")) for s in args.nm]
     print(f"# torch {torch.__version__}, {args.threads} thread(s), rounds={args.rounds}")
-    print("| model | N:M | kept, default order | kept, permuted | gain (points) | time (s) | coverage "
+    print("| model | N:M | kept, default order | kept, permuted | gain (points) | wall / CPU s | coverage "
           "| groups |")
     print("|---|---|---|---|---|---|---|---|")
     models = [(spec, lambda spec=spec: build(spec)) for spec in args.models]

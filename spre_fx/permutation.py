@@ -187,32 +187,32 @@ def _index(t: Tensor, dim: int, offset: int, perm: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def apply_permutation(model: nn.Module, group: ChannelGroup, perm: Tensor) -> None:
-    """Permute every tensor of `group` in place (each keeps its object and name): new channel p
-    is old channel perm[p]. `perm` must keep every aligned block of `group.block` channels."""
+def apply_permutation(model: nn.Module, orders: list[tuple[ChannelGroup, Tensor]]) -> None:
+    """Permute every tensor of each (group, perm) in place (each keeps its object and name): new
+    channel p is old channel perm[p]; `perm` must keep every aligned block of `group.block`."""
     modules = dict(model.named_modules())
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for role, name, offset in group.members:
-        if role == "param":
-            t = tensors[name]
-            t.copy_(_index(t, group.param_dims[name], offset, perm))
-            continue
-        m = modules[name]
-        if role == "carry":  # norms, depthwise convs: every per-channel tensor, along dim 0
-            for t in (*m.parameters(), *m.buffers()):
-                if t.numel() > 1:
-                    t.copy_(_index(t, 0, offset, perm))
-        elif role == "out":
-            m.weight.copy_(_index(m.weight, 0, offset, perm))
-            if m.bias is not None:
-                m.bias.copy_(_index(m.bias, 0, offset, perm))
-        else:  # "in": input columns, group by group for a grouped conv
-            w, groups = m.weight, getattr(m, "groups", 1)
-            per, out = w.shape[1], w.shape[0] // groups
-            full = _index(torch.arange(per * groups, device=w.device), 0, offset, perm)
-            for k in range(groups):
-                cols = full[k * per:(k + 1) * per] - k * per
-                w[k * out:(k + 1) * out] = w[k * out:(k + 1) * out].index_select(1, cols)
+    for group, perm in orders:
+        for role, name, offset in group.members:
+            m = modules.get(name)
+            if role == "param":
+                t = tensors[name]
+                t.copy_(_index(t, group.param_dims[name], offset, perm))
+            elif role == "carry":  # norms, depthwise convs: every per-channel tensor, along dim 0
+                for t in (*m.parameters(), *m.buffers()):
+                    if t.numel() > 1:
+                        t.copy_(_index(t, 0, offset, perm))
+            elif role == "out":
+                m.weight.copy_(_index(m.weight, 0, offset, perm))
+                if m.bias is not None:
+                    m.bias.copy_(_index(m.bias, 0, offset, perm))
+            else:  # "in": input columns, group by group for a grouped conv
+                w, groups = m.weight, getattr(m, "groups", 1)
+                per, out = w.shape[1], w.shape[0] // groups
+                full = _index(torch.arange(per * groups, device=w.device), 0, offset, perm)
+                for k in range(groups):
+                    cols = full[k * per:(k + 1) * per] - k * per
+                    w[k * out:(k + 1) * out] = w[k * out:(k + 1) * out].index_select(1, cols)
 
 
 def permute_channels(
@@ -243,12 +243,13 @@ def permute_channels(
     plan = discover(model, config, concrete_args)
     nm_layers = {lp.name for lp in plan.layers if lp.treatment != Treatment.DENSE}
     layers = dict(model.named_modules())
-    records = []
+    records, orders = [], []
     for group in find_channel_groups(model, concrete_args):
         perm, record = _search(group, layers, nm_layers, config.n, config.m, rounds, seed)
         if perm is not None:
-            apply_permutation(model, group, perm)
+            orders.append((group, perm))
         records.append(record)
+    apply_permutation(model, orders)
     nm_channels = sum(layers[name].weight.shape[1] * getattr(layers[name], "groups", 1) for name in nm_layers)
     object.__setattr__(model, _ATTRIBUTE, Permutation(
         config.nm, tuple(records), time.perf_counter() - start, nm_channels))
