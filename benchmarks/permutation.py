@@ -117,7 +117,7 @@ def asp_matrix(rounds: int) -> None:
     print("|---|---|---|---|---|---|")
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
-        for kind, a in (("|normal|", torch.randn(128, 64, generator=g).abs()),
+        for kind, a in (("abs(normal)", torch.randn(128, 64, generator=g).abs()),
                         ("uniform", torch.rand(128, 64, generator=g))):
             start = time.perf_counter()
             perm = search_permutation(a, 2, 4, rounds=rounds)
