@@ -6,8 +6,8 @@ Exactness is checked in float64, where a correct permutation only reorders sums 
 of the output's size) and a wrong one moves channels (errors of the output's own size), so a
 1e-10 relative bound separates the two by orders of magnitude either way. Cost on one core of
 this machine: 14 s without the zoo test at load ~8 (230 s at load ~18); the zoo test (random
-orders, no search; 75 torchvision classifiers) 29 min at load ~18, 0.5-90 s a model, most of it
-building the big models and running them in float64.
+orders, no search; 75 torchvision classifiers) 2.8 min at load ~5, 29 min at load ~18, most of
+it building the big models and running them in float64.
 """
 
 from __future__ import annotations
