@@ -27,6 +27,7 @@ from .deploy import (
     to_semi_structured,
 )
 from .layers import convert_sync_batchnorm, freeze_masks
+from .permutation import Permutation, permutation_of, permute_channels
 from .plan import LayerPlan, Plan, Treatment, plan_of
 from .registry import register_leaf_function, register_leaf_module, register_norm
 from .reporting import LayerReport, Report, report
@@ -37,6 +38,9 @@ from .verification import VerificationError, VerifyResult, verify
 __all__ = [
     # configure, prepare, train
     "SpReConfig",
+    "permute_channels",
+    "permutation_of",
+    "Permutation",
     "prepare",
     "MaskScheduler",
     "MaskSchedule",

@@ -12,6 +12,7 @@ from .deploy.advisor import FlopEstimate, KernelAdvice, advise
 from .deploy.im2col import dense_weight
 from .inputs import check_input_size, describe, example_call, inputs_fit
 from .masks import magnitude_mask, mask_kernels, nm_violations, spatial_sparsity
+from .permutation import Permutation, permutation_of
 from .plan import LayerPlan, Treatment, plan_of
 
 __all__ = ["LayerReport", "Report", "report"]
@@ -46,7 +47,8 @@ class LayerReport:
 class Report:
     """flops: conv/linear MACs and the share that can run on 2:4 kernels, when report() was
     given an example input (None otherwise). mask_kernels: what computes the per-step CPU mask
-    updates of a prepared model ('native' C kernels, or 'torch (<why not>)')."""
+    updates of a prepared model ('native' C kernels, or 'torch (<why not>)'). permutation: what
+    `permute_channels` did before prepare, per channel group (None when it was not called)."""
 
     nm: tuple[int, int]
     stage: str
@@ -54,6 +56,7 @@ class Report:
     untraced: tuple[tuple[str, str], ...]
     flops: FlopEstimate | None = None
     mask_kernels: str | None = None
+    permutation: Permutation | None = None
 
     def count(self, treatment: Treatment | str) -> int:
         return sum(lr.treatment == treatment for lr in self.layers)
@@ -87,6 +90,8 @@ class Report:
         for mod, err in self.untraced:
             lines.append(f"fx could not trace '{mod}' ({err}); its children were traced instead")
         lines += _kernel_footer(self)
+        if self.permutation is not None:
+            lines.append(str(self.permutation))
         return "\n".join(lines)
 
 
@@ -171,4 +176,5 @@ def report(
             _layer_report(lp, modules[lp.name], n, m, advice.layers[lp.name]) for lp in plan.layers
         )
     kernels = mask_kernels() if plan.stage == "prepared" else None
-    return Report(plan.config.nm, plan.stage, layers, plan.untraced, advice.flops, kernels)
+    return Report(plan.config.nm, plan.stage, layers, plan.untraced, advice.flops, kernels,
+                  permutation_of(model))

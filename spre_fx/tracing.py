@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 from .module_tree import class_name, modes_restored
 from .registry import is_leaf_class, is_norm, leaf_functions
 
-__all__ = ["SpReTracer", "ModeFlow", "is_layer", "trace_flows"]
+__all__ = ["SpReTracer", "ModeFlow", "is_layer", "trace_flows", "trace_graphs"]
 
 
 class SpReTracer(fx.Tracer):
@@ -255,3 +255,21 @@ def trace_flows(model: nn.Module, concrete_args: dict[str, Any] | None, failures
             flows.append(flow)
     _check_no_proxies(model)
     return flows
+
+
+def trace_graphs(
+    model: nn.Module, concrete_args: dict[str, Any] | None, failures: list
+) -> list[list[tuple[str, fx.Graph]]]:
+    """The graphs covering `model` in training, then in eval mode: (module prefix, graph) each.
+
+    For passes that read data flow themselves (channel permutation); as with `trace_flows`, the
+    model's modes and attributes are restored and `failures` receives the modules traced
+    through their children.
+    """
+    modes = []
+    with _attributes_restored(model), modes_restored(model):
+        for training in (True, False):
+            model.train(training)
+            modes.append(list(_trace_graphs(model, "", concrete_args, failures if training else [])))
+    _check_no_proxies(model)
+    return modes
