@@ -645,7 +645,7 @@ def test_weights_that_do_not_train_stay_dense_unless_asked(prune_frozen):
     else:
         assert type(p.dfl) is nn.Conv2d and type(c.dfl) is nn.Conv2d
         assert torch.equal(p.dfl.weight, dfl) and torch.equal(c.dfl.weight, dfl)
-        assert isinstance(c.frozen_bn, nn.Identity)  # the frozen conv's BatchNorm is folded
+        assert isinstance(c.frozen_bn, spre_fx.FoldedBatchNorm)  # the frozen conv's BatchNorm is folded
 
 
 def test_frozen_conv_computes_what_its_nm_counterpart_computes():

@@ -181,6 +181,22 @@ def _flat(out) -> list[torch.Tensor]:
     return [t for o in out for t in _flat(o)]
 
 
+def _assert_close_up_to_row_order(got: torch.Tensor, want: torch.Tensor) -> None:
+    """`got` equals `want` within the conversion's rounding, rows allowed to come in another order.
+
+    A two-stage detector's RoI head runs on the RPN's top-k proposals: two proposals whose scores
+    tie to within float rounding may swap places after the fold (rows 85 and 86 of Faster R-CNN's
+    class scores did), which moves rows but changes none. Each row of `got` must then match one
+    row of `want`, one to one."""
+    tol = dict(rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp_min(1)))
+    if got.shape == want.shape and torch.allclose(got, want, **tol):
+        return
+    assert got.dim() == 2 and got.shape == want.shape, (got.shape, want.shape)
+    nearest = torch.cdist(got.double(), want.double()).argmin(dim=1)
+    assert sorted(nearest.tolist()) == list(range(len(want))), "rows of got match no permutation of want"
+    torch.testing.assert_close(got, want[nearest], **tol)
+
+
 # --------------------------------------------------------------------------- the runs
 def _train_resume_test_deploy(kind: str, data: Path, work_dir: Path, iters: int) -> dict:
     # 1. train `iters` iterations from scratch; a checkpoint every iteration
@@ -239,7 +255,7 @@ def _train_resume_test_deploy(kind: str, data: Path, work_dir: Path, iters: int)
             got = _flat(deployed(**data_batch, mode="tensor"))
         assert len(want) == len(got) > 0
         for w, g in zip(want, got):
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
+            _assert_close_up_to_row_order(g, w)
     assert images == len(runner.test_dataloader.dataset)
     plan = plan_of(deployed, stage="converted")
     modules = dict(deployed.named_modules())
