@@ -77,9 +77,12 @@ def _to_host(values: list[torch.Tensor | int]) -> list[int]:
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers that expose one as `.optimizer` (mmengine's OptimWrapper)."""
+    """The innermost torch optimizer inside wrappers that expose one as `.optimizer`: mmengine's
+    OptimWrapper, and accelerate's AcceleratedOptimizer, an Optimizer subclass that skips
+    `Optimizer.__init__` (no step hooks of its own) and steps the one it wraps."""
     seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer):
+    while not isinstance(optimizer, torch.optim.Optimizer) or isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
         if optimizer is None or seen > 8:

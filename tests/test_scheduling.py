@@ -323,3 +323,20 @@ def test_decay_is_added_after_clipping_and_in_backward_again_after_remove():
     expected = g0 + lam * pruned * w
     tol = 4e-7 * float((g0.abs() + lam * w.abs()).max())
     assert torch.allclose(conv.weight.grad, expected, rtol=0, atol=tol)
+
+
+def test_attaches_to_the_optimizer_inside_accelerates_wrapper():
+    """accelerate's AcceleratedOptimizer (what the Hugging Face Trainer holds) subclasses Optimizer
+    without its __init__: the scheduler hooks the optimizer it wraps, which its step() steps."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is in the transformers extra")
+    torch.manual_seed(0)
+    model = spre_fx.prepare(nn.Sequential(nn.Linear(8, 8)), dense_stem=False)
+    inner = torch.optim.SGD(model.parameters(), lr=0.5)
+    wrapped = accelerate.Accelerator(cpu=True).prepare(inner)
+    assert wrapped is not inner and isinstance(wrapped, torch.optim.Optimizer)
+    sched = spre_fx.MaskScheduler(model, wrapped)
+    assert sched.optimizer is inner
+    model(torch.randn(4, 8)).square().sum().backward()
+    wrapped.step()
+    assert sched.step == 1
+    assert torch.equal(model[0].nm_mask, nm_mask(model[0].weight, 2, 4))
