@@ -22,7 +22,8 @@ settings.register_profile(
     "ci", derandomize=True, database=None, print_blob=True, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.register_profile("dev", deadline=None, print_blob=True)
+# hypothesis itself derandomises its default settings where it detects CI: "dev" says it is random
+settings.register_profile("dev", derandomize=False, deadline=None, print_blob=True)
 
 
 def hypothesis_profile(env: dict[str, str]) -> str:
