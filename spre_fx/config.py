@@ -32,7 +32,12 @@ class SpReConfig:
     dense_stem: leave the network's first conv dense (docs/method.md §5).
     decay: λ of the SR-STE "sparse-refined" decay on pruned weights (docs/method.md §1).
     silent_branch: start every SpRe branch's BatchNorm at γ = 0, so that the prepared model
-        starts as the N:M projection of the dense one (fine-tuning from a checkpoint).
+        starts as the N:M projection of the dense one. On by default: both studies of
+        docs/results.md (from scratch and from a dense checkpoint) measured the silent start level
+        with SR-STE and the paper's initialisation (False) below it (docs/method.md §6).
+    permute: reorder channels before pruning so that N:M keeps more |w|, the same function
+        (`permute_channels` on prepare's copy, for the layers this config chooses): for a
+        pretrained model; a random initialisation gains little (docs/benchmarks.md).
     prune_frozen: also make N:M the weights that do not train (`requires_grad=False`: mmdet's
         `frozen_stages`, ultralytics' DFL bins). Off by default: nothing would train to recover
         what pruning them loses, so they stay dense; on, they get plain N:M without a SpRe
@@ -45,8 +50,9 @@ class SpReConfig:
     skip: tuple[str, ...] = ()
     dense_stem: bool = True
     decay: float = 2e-4
-    silent_branch: bool = False
+    silent_branch: bool = True
     prune_frozen: bool = False
+    permute: bool = False
 
     def __post_init__(self) -> None:
         nm = self.nm
@@ -64,7 +70,7 @@ class SpReConfig:
         object.__setattr__(self, "skip", _as_patterns("skip", self.skip) or ())
         if not isinstance(self.decay, (int, float)) or self.decay < 0:
             raise ValueError(f"decay must be a float >= 0, found {self.decay!r}")
-        for flag in ("spre", "dense_stem", "silent_branch", "prune_frozen"):
+        for flag in ("spre", "dense_stem", "silent_branch", "prune_frozen", "permute"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, found {getattr(self, flag)!r}")
 

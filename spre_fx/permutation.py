@@ -25,7 +25,7 @@ from .plan import Treatment, is_prepared
 from .tracing import trace_graphs
 
 __all__ = ["ChannelGroup", "PermutedGroup", "Permutation", "find_channel_groups", "apply_permutation",
-           "permute_channels", "permutation_of"]
+           "permute_channels", "permute_for", "permutation_of"]
 
 _ATTRIBUTE = "_spre_fx_permutation"
 
@@ -237,9 +237,26 @@ def permute_channels(
     if is_prepared(model):
         raise ValueError("model is already prepared: permute channels before spre_fx.prepare, not after")
     config = SpReConfig(nm=tuple(nm), **options)
-    start = time.perf_counter()
     if not inplace:
         model = model_copy(model)
+    permute_for(model, config, concrete_args, rounds=rounds, seed=seed)
+    return model
+
+
+def permute_for(
+    model: nn.Module,
+    config: SpReConfig,
+    concrete_args: dict[str, Any] | None = None,
+    *,
+    rounds: int = 12,
+    seed: int = 0,
+) -> Permutation:
+    """Permute `model`'s channels in place for the N:M layers `config` chooses, and record it.
+
+    The body of `permute_channels`, and what `prepare(..., permute=True)` runs on its copy before
+    discovery: the same config then picks the layers that are pruned.
+    """
+    start = time.perf_counter()
     plan = discover(model, config, concrete_args)
     nm_layers = {lp.name for lp in plan.layers if lp.treatment != Treatment.DENSE}
     layers = dict(model.named_modules())
@@ -251,6 +268,6 @@ def permute_channels(
         records.append(record)
     apply_permutation(model, orders)
     nm_channels = sum(layers[name].weight.shape[1] * getattr(layers[name], "groups", 1) for name in nm_layers)
-    object.__setattr__(model, _ATTRIBUTE, Permutation(
-        config.nm, tuple(records), time.perf_counter() - start, nm_channels))
-    return model
+    record = Permutation(config.nm, tuple(records), time.perf_counter() - start, nm_channels)
+    object.__setattr__(model, _ATTRIBUTE, record)
+    return record

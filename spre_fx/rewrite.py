@@ -17,6 +17,7 @@ from .config import SpReConfig
 from .discovery import discover
 from .layers import NM_CLASSES, SpReBatchNorm2d, SpReConv2d
 from .module_tree import model_copy, module_aliases, set_module
+from .permutation import permute_for
 from .plan import Treatment, attach_plan, is_prepared
 from .registry import norm_spec
 
@@ -71,9 +72,10 @@ def prepare(
     """Return `model` ready for N:M training, with SpRe branches on its k×k conv→BN pairs.
 
     options are the other fields of `SpReConfig` (include, skip, dense_stem, decay,
-    silent_branch). `concrete_args` go to fx for the model's own forward (e.g. a mode flag).
-    The input model is left untouched unless `inplace=True`. `spre_fx.report(model)` says what
-    was done to every layer and why.
+    silent_branch, prune_frozen, permute). `concrete_args` go to fx for the model's own forward
+    (e.g. a mode flag). The input model is left untouched unless `inplace=True` (with
+    `permute=True`, its channels are reordered too). `spre_fx.report(model)` says what was done
+    to every layer and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare expects a torch.nn.Module, found {type(model).__name__}")
@@ -83,6 +85,8 @@ def prepare(
     _check_model(model)
     if not inplace:
         model = model_copy(model)
+    if config.permute:
+        permute_for(model, config, concrete_args)
     plan = discover(model, config, concrete_args)
     modules = dict(model.named_modules())
     aliases = module_aliases(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -190,6 +191,49 @@ def test_silent_branch_starts_at_nm_projection(net):
     silent = spre_fx.prepare(net, silent_branch=True).eval()
     plain = spre_fx.prepare(net, spre=False).eval()
     torch.testing.assert_close(silent(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_branch_starts_silent_by_default_and_the_paper_init_is_one_option_away(net):
+    """The default follows both studies of docs/results.md (silent); silent_branch=False is the
+    paper's start: the branch BatchNorm at torch's γ = 1, so step 0 is not the N:M projection."""
+    assert spre_fx.SpReConfig().silent_branch is True
+    x = tiny_input()
+    net.eval()
+    default = spre_fx.prepare(net, nm=(2, 4)).eval()
+    explicit = spre_fx.prepare(net, nm=(2, 4), silent_branch=True).eval()
+    paper = spre_fx.prepare(net, nm=(2, 4), silent_branch=False).eval()
+    branches = lambda m: [b.rep for b in m.modules() if isinstance(b, SpReBatchNorm2d)]
+    assert branches(default)
+    assert all(torch.equal(r.weight, torch.zeros_like(r.weight)) for r in branches(default))
+    assert all(torch.equal(r.weight, torch.ones_like(r.weight)) for r in branches(paper))
+    assert torch.equal(default(x), explicit(x))
+    assert not torch.allclose(default(x), paper(x), rtol=1e-3, atol=1e-3)
+
+
+def test_prepare_permute_is_permute_channels_then_prepare(net):
+    """prepare(permute=True) permutes its own copy for the layers the config chooses, exactly as
+    permute_channels(...) then prepare(...) would; the input model is left untouched."""
+    nm, x = (1, 4), tiny_input()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    p = spre_fx.prepare(net, nm=nm, permute=True)
+    q = spre_fx.prepare(spre_fx.permute_channels(net, nm=nm), nm=nm)
+    unpermuted = spre_fx.prepare(net, nm=nm)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert spre_fx.permutation_of(net) is None
+    record = spre_fx.report(p).permutation
+    assert record is not None and any(g.applied for g in record.groups), record
+    assert record == dataclasses.replace(spre_fx.report(q).permutation, seconds=record.seconds)
+    ps, qs, us = p.state_dict(), q.state_dict(), unpermuted.state_dict()
+    assert ps.keys() == qs.keys() == us.keys()
+    assert all(torch.equal(ps[k], qs[k]) for k in ps)
+    assert any(not torch.equal(ps[k], us[k]) for k in ps), "permute=True moved no channel"
+    p.eval(), q.eval()
+    assert torch.equal(p(x), q(x))
+
+
+def test_prepare_permute_inplace_permutes_the_users_model(net):
+    p = spre_fx.prepare(net, nm=(1, 4), permute=True, inplace=True)
+    assert p is net and spre_fx.permutation_of(net) is not None
 
 
 class CachesOnFirstCall(nn.Module):
