@@ -7,8 +7,10 @@ after a linear warm-up, label smoothing 0.1, weight decay 1e-4, from scratch. Th
 `--pretrained torchvision` starts from torchvision's weights for `--arch` (from the torch hub cache,
 downloaded there if missing), `--pretrained PATH` from a dense state_dict of the same architecture (or a
 file holding one under "model"); a classifier whose shape differs (another class count) keeps its fresh
-initialisation. The SpRe branches then start silent (docs/training.md, "Fine-tuning from a dense
-checkpoint"); `--branch-init paper` gives the paper's initialisation instead.
+initialisation; `--permute` reorders its channels first so that N:M keeps more of its weights
+(spre_fx.prepare(..., permute=True)). The SpRe branches start silent, spre_fx's default (docs/method.md
+§6; docs/training.md, "Fine-tuning from a dense checkpoint"); `--branch-init paper` gives the paper's
+initialisation instead.
 
     PYTHONPATH=. .venv/bin/python examples/train_imagefolder.py --data ~/imagenette --epochs 120
     PYTHONPATH=. .venv/bin/python examples/train_imagefolder.py --data DIR \
@@ -55,9 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-spre", action="store_true", help="plain N:M with SR-STE (no SpRe branch)")
     p.add_argument("--pretrained", metavar="PATH|torchvision",
                    help="start from dense weights: torchvision's for --arch, or a state_dict file")
-    p.add_argument("--branch-init", choices=("silent", "paper"),
-                   help="SpRe branch start: silent (BN γ = 0, step 0 is the N:M projection) or the paper's; "
-                   "default: silent with --pretrained, paper from scratch")
+    p.add_argument("--permute", action="store_true",
+                   help="reorder channels before pruning so that N:M keeps more |w| (for --pretrained)")
+    p.add_argument("--branch-init", choices=("silent", "paper"), default="silent",
+                   help="SpRe branch start: silent (BN γ = 0, step 0 is the N:M projection) or the paper's")
     p.add_argument("--epochs", type=int, default=120)
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
@@ -92,15 +95,15 @@ def loaders(args: argparse.Namespace):
 
 
 def build(arch: str, num_classes: int, nm: tuple[int, int], spre: bool, pretrained: str | Path | None = None,
-          silent_branch: bool = False) -> nn.Module:
+          silent_branch: bool = True, permute: bool = False) -> nn.Module:
     """The torchvision model, prepared: N:M everywhere but the stem, SpRe branches on k×k conv→BN.
 
     pretrained: "torchvision" (its default weights for `arch`) or a state_dict file, loaded into the
-    dense model before `prepare` (load_pretrained)."""
+    dense model before `prepare` (load_pretrained). permute: channel permutation before pruning."""
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if pretrained is not None:
         load_pretrained(model, arch, pretrained)
-    return spre_fx.prepare(model, nm=nm, spre=spre, silent_branch=silent_branch and spre)
+    return spre_fx.prepare(model, nm=nm, spre=spre, silent_branch=silent_branch, permute=permute)
 
 
 def load_pretrained(model: nn.Module, arch: str, source: str | Path) -> list[str]:
@@ -169,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     train_loader, val_loader, classes = loaders(args)
 
-    silent = (args.branch_init or ("silent" if args.pretrained else "paper")) == "silent"
-    model = build(args.arch, len(classes), args.nm, not args.no_spre, args.pretrained, silent).to(device)
+    model = build(args.arch, len(classes), args.nm, not args.no_spre, args.pretrained,
+                  args.branch_init == "silent", args.permute).to(device)
     rep = spre_fx.report(model)
     print(f"{args.arch} {args.nm[0]}:{args.nm[1]}: {rep.count('spre')} spre, {rep.count('nm')} nm, "
           f"{rep.count('dense')} dense layers; {len(classes)} classes, {len(train_loader.dataset)} train / "

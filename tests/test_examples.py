@@ -101,7 +101,10 @@ def test_train_imagefolder_pretrained(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         ref = nm_only.eval()(x)
         assert (prepared.eval()(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
-        paper = example.build("resnet18", 2, (2, 4), True, pretrained=tmp_path / "dense.pt")
+        default = example.build("resnet18", 2, (2, 4), True, pretrained=path)
+        default.fc.load_state_dict(prepared.fc.state_dict())
+        assert torch.equal(default.eval()(x), prepared(x))  # silent is the default
+        paper = example.build("resnet18", 2, (2, 4), True, pretrained=path, silent_branch=False)
         paper.fc.load_state_dict(prepared.fc.state_dict())
         assert (paper.eval()(x) - ref).abs().max() > 1e-2 * ref.abs().max()  # the paper's branch is heard
 
