@@ -256,6 +256,10 @@ def permute_for(
     The body of `permute_channels`, and what `prepare(..., permute=True)` runs on its copy before
     discovery: the same config then picks the layers that are pruned.
     """
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"channel permutation searches the weights' magnitudes, and {meta[0]} is on the "
+                         "meta device: load the weights (to_empty + load_state_dict) first")
     start = time.perf_counter()
     plan = discover(model, config, concrete_args)
     nm_layers = {lp.name for lp in plan.layers if lp.treatment != Treatment.DENSE}

@@ -236,6 +236,15 @@ def test_prepare_permute_inplace_permutes_the_users_model(net):
     assert p is net and spre_fx.permutation_of(net) is not None
 
 
+def test_prepare_permute_refuses_the_meta_device():
+    """A meta model prepares without values, but a permutation needs them: an error, not a guess."""
+    with torch.device("meta"):
+        model = TinyNet()
+    spre_fx.prepare(model, nm=(1, 4))
+    with pytest.raises(ValueError, match="meta device: load the weights"):
+        spre_fx.prepare(model, nm=(1, 4), permute=True)
+
+
 class CachesOnFirstCall(nn.Module):
     """Caches what it saw on its first call (torchvision's MultiScaleRoIAlign keeps `scales`)."""
 
