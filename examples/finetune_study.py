@@ -21,6 +21,7 @@ deployed on the test split.
     PYTHONPATH=. .venv/bin/python examples/finetune_study.py --jobs 3 --out out/finetune
     PYTHONPATH=. .venv/bin/python examples/finetune_study.py --quick --out out/finetune-quick
     PYTHONPATH=. .venv/bin/python examples/finetune_study.py --from-json out/finetune/results.json
+    PYTHONPATH=. .venv/bin/python examples/finetune_study.py --permutation-cost --out out/finetune
 """
 
 from __future__ import annotations
@@ -166,6 +167,43 @@ def permute(model: nn.Module, nm: tuple[int, int], x: Tensor) -> tuple[nn.Module
     return permuted, error
 
 
+def permutation_cost(out: Path, datasets: list[str], sparsities: list[tuple[int, int]],
+                     seeds: list[int]) -> dict:
+    """What `spre_fx.permute_channels` does to the dense checkpoints in OUT, per (dataset, N:M): its
+    CPU seconds on one thread (tracing and search), groups permuted, coverage and the share of Σ|w|
+    that N:M keeps in the searched columns before and after. Runs nothing of the study."""
+    torch.set_num_threads(1)
+    rows = {}
+    for ds in datasets:
+        for nm in sparsities:
+            cpu, records = [], []
+            for seed in seeds:
+                model = STUDIES[ds].finetune.build()
+                model.load_state_dict(torch.load(checkpoint_path(out, ds, seed), weights_only=True))
+                start = time.process_time()
+                permuted = permutation_function()(model, nm=nm)
+                cpu.append(time.process_time() - start)
+                records.append(spre_fx.permutation_of(permuted))
+            rows[f"{ds} {nm[0]}:{nm[1]}"] = {
+                "seeds": len(seeds), "cpu_seconds_mean": statistics.fmean(cpu), "cpu_seconds_max": max(cpu),
+                "groups": len(records[0].groups),
+                "permuted_groups": statistics.fmean(sum(g.applied for g in r.groups) for r in records),
+                "coverage": statistics.fmean(r.coverage for r in records),
+                "kept_before": statistics.fmean(r.share_kept(after=False) for r in records),
+                "kept_after": statistics.fmean(r.share_kept(after=True) for r in records)}
+    return rows
+
+
+def permutation_cost_table(rows: dict) -> str:
+    lines = ["| dataset N:M | CPU-s per model (mean, max) | groups permuted (mean) | coverage | "
+             "Σ|w| kept in the searched columns, before → after |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['cpu_seconds_mean']:.3f}, {r['cpu_seconds_max']:.3f} | "
+                     f"{r['permuted_groups']:.1f} of {r['groups']} | {100 * r['coverage']:.0f} % | "
+                     f"{100 * r['kept_before']:.2f} % → {100 * r['kept_after']:.2f} % |")
+    return "\n".join(lines)
+
+
 def run_arm(job: Job, study: Study, out: Path) -> dict:
     """One arm at one (dataset, seed, N:M): from the dense checkpoint to a scored deployed model."""
     torch.set_num_threads(1)
@@ -246,6 +284,12 @@ COMPARISONS = (
 )
 
 
+# Permutation: X+perm − X for each arm run both ways (pre-registered); and, not pre-registered
+# (descriptive only), whether permuted ASP reaches SR-STE without permutation.
+PERMUTATION_PAIRS = tuple((f"{a}+perm", a) for a in ARMS)
+EXPLORATORY = (("asp+perm", "srste"),)
+
+
 def best_finetuned(records: list[dict]) -> str | None:
     """The fine-tuning arm with the highest mean deployed accuracy over every cell (arm (f))."""
     means = {arm: [r["test_acc"] for r in records if r["arm"] == arm] for arm in FINETUNED}
@@ -284,15 +328,14 @@ def analyse(records: list[dict]) -> dict:
     for ds, nm in sorted(keys, key=lambda c: (c[0], _rate(c[1]))):
         arms = dict.fromkeys(r["arm"] for r in records if r["dataset"] == ds and r["nm"] == nm)
         acc = {arm: _accs(records, ds, f"{arm} {nm}") for arm in arms}
-        cell = {"dataset": ds, "nm": nm, "arms": {arm: _stats(v) for arm, v in acc.items()}, "diffs": {}}
+        cell = {"dataset": ds, "nm": nm, "arms": {arm: _stats(v) for arm, v in acc.items()}}
         if dense.get(ds):
             cell["arms"]["dense"] = _stats(dense[ds])
-        pairs = [*COMPARISONS, *[(f"{a}+perm", a) for a in ARMS]]
-        pairs += [("dense", a) for a in FINETUNED]
+        pairs = [*COMPARISONS, *PERMUTATION_PAIRS, *[("dense", a) for a in FINETUNED]]
         acc["dense"] = dense.get(ds, {})
-        for a, b in pairs:
-            if acc.get(a) and acc.get(b) and (d := _diff(acc[a], acc[b])):
-                cell["diffs"][f"{a} - {b}"] = d
+        for key, chosen in (("diffs", pairs), ("exploratory", EXPLORATORY)):
+            cell[key] = {f"{a} - {b}": d for a, b in chosen
+                         if acc.get(a) and acc.get(b) and (d := _diff(acc[a], acc[b]))}
         kept = {arm: statistics.fmean(r["kept_magnitude"] for r in records
                                       if r["dataset"] == ds and r["nm"] == nm and r["arm"] == arm)
                 for arm in ("oneshot", "oneshot+perm") if arm in arms}
@@ -312,6 +355,7 @@ def analyse(records: list[dict]) -> dict:
             cost[f"{ds} {arm}"] = {"cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in sub),
                                    "steps": sub[0]["steps"]}
     errors = [r["convert_error"] for r in records if r.get("convert_error") is not None]
+    permuted = [r["permutation_error"] for r in records if r.get("permutation_error") is not None]
     return {
         "cells": cells,
         "dense_convergence": convergence,
@@ -321,8 +365,11 @@ def analyse(records: list[dict]) -> dict:
         "recalibration": {f"{c['dataset']} {arm} {c['nm']}": {
             "before": statistics.fmean(r["eval_acc_before_recalibration"] for r in records if
                                        (r["dataset"], r["nm"], r["arm"]) == (c["dataset"], c["nm"], arm)),
-            "after": c["arms"][arm]["mean"]} for c in cells for arm in c["arms"] if arm != "dense"},
+            "after": c["arms"][arm]["mean"]} for c in cells for arm in sorted(c["arms"], key=arm_order)
+            if arm != "dense"},
         "max_convert_error": max(errors, default=None),
+        "permuted_runs": len(permuted),
+        "max_permutation_error": max(permuted, default=None),
         "pairing": pairing_check(records, ("pretrained_digest", "batches_digest")),
         "cpu_seconds": sum(r["cpu_seconds"] for r in records),
     }
@@ -343,6 +390,7 @@ def tables(summary: dict) -> str:
     for name in names:
         row = " | ".join(fmt_difference(c["diffs"].get(name)) for c in cells)
         lines.append(f"| {name.replace(' - ', ' − ')} | {row} |")
+    lines += permutation_tables(cells)
     lines += ["", f"| share of Σ|w| N:M keeps (one-shot, mean over seeds) | {columns} |",
               "|---|" + "---|" * len(cells)]
     for arm in ("oneshot", "oneshot+perm"):
@@ -350,6 +398,9 @@ def tables(summary: dict) -> str:
             kept = [c["kept_magnitude"].get(arm) for c in cells]
             shares = " | ".join("-" if k is None else f"{100 * k:.1f} %" for k in kept)
             lines.append(f"| {arm} | {shares} |")
+    if all(len(c["kept_magnitude"]) == 2 for c in cells):
+        gains = [c["kept_magnitude"]["oneshot+perm"] - c["kept_magnitude"]["oneshot"] for c in cells]
+        lines.append("| permutation's gain, points | " + " | ".join(f"{100 * g:+.2f}" for g in gains) + " |")
     if summary["dense_convergence"]:
         lines += ["", "| dense pretraining, test accuracy (eval mode, mean over seeds) | by epoch |",
                   "|---|---|"]
@@ -363,6 +414,29 @@ def tables(summary: dict) -> str:
     for name, r in summary["recalibration"].items():
         lines.append(f"| {name} | {100 * r['before']:.2f} | {100 * r['after']:.2f} |")
     return "\n".join(lines)
+
+
+def permutation_tables(cells: list[dict]) -> list[str]:
+    """Each permuted arm beside its arm, with the paired difference; then the comparisons that were
+    not pre-registered. Empty when no arm ran with permutation."""
+    arms = [a for a in ARMS if any(f"{a}+perm" in c["arms"] for c in cells)]
+    if not arms:
+        return []
+    head = " | ".join(f"{a} | {a}+perm | {a}+perm − {a}" for a in arms)
+    lines = ["", f"| dataset | N:M | {head} |", "|---|---|" + "---|" * 3 * len(arms)]
+    for c in cells:
+        row = " | ".join(f"{fmt_mean_sd(c['arms'].get(a))} | {fmt_mean_sd(c['arms'].get(a + '+perm'))} | "
+                         f"{fmt_difference(c['diffs'].get(f'{a}+perm - {a}'))}" for a in arms)
+        lines.append(f"| {c['dataset']} | {c['nm']} | {row} |")
+    names = list(dict.fromkeys(k for c in cells for k in c.get("exploratory", {})))
+    if names:
+        columns = " | ".join(f"{c['dataset']} {c['nm']}" for c in cells)
+        lines += ["", f"| not pre-registered (descriptive), points | {columns} |",
+                  "|---|" + "---|" * len(cells)]
+        for name in names:
+            row = " | ".join(fmt_difference(c["exploratory"].get(name)) for c in cells)
+            lines.append(f"| {name.replace(' - ', ' − ')} | {row} |")
+    return lines
 
 
 # --------------------------------------------------------------------------- figure
@@ -402,28 +476,36 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
 
 
-FOREST = ("srste - asp", "spre-silent - asp", "spre - asp", "spre-silent - srste", "spre-silent - spre",
-          *(f"{a}+perm - {a}" for a in ARMS))
+# The paired differences of the second plot: left, the recipes (what decides the recommendation);
+# right, what permutation changed (its own scale: a few points, not tens).
+FOREST = (("srste - asp", "spre-silent - asp", "spre - asp", "spre-silent - srste", "spre-silent - spre"),
+          tuple(f"{a} - {b}" for a, b in PERMUTATION_PAIRS))
 
 
 def plot_differences(summary: dict, path: Path) -> None:
-    """The paired differences that decide the recommendation, points with 95 % t intervals, per cell;
-    filled markers: the interval excludes 0."""
-    rows = [(f"{c['dataset']} {c['nm']}: {name.replace(' - ', ' − ')}", c["diffs"][name])
-            for c in summary["cells"] for name in FOREST if name in c["diffs"]]
-    if not rows:
+    """The paired differences per cell, points with 95 % t intervals: the recipes' comparisons, and
+    (a second panel, when any arm ran with permutation) X+perm − X; filled markers: the interval
+    excludes 0."""
+    panels = [[(f"{c['dataset']} {c['nm']}: {name.replace(' - ', ' − ')}", c["diffs"][name])
+               for c in summary["cells"] for name in names if name in c["diffs"]] for names in FOREST]
+    panels = [rows for rows in panels if rows]
+    if not panels:
         return
-    fig = Figure(figsize=(6.5, 0.26 * len(rows) + 0.9), layout="constrained")
-    ax = fig.subplots()
-    for i, (label, d) in enumerate(rows):
-        color = _STYLE[label.split(": ")[1].split(" − ")[0].removesuffix("+perm")][0]
-        ax.plot([100 * d["ci95"][0], 100 * d["ci95"][1]], [i, i], color=color, lw=2)
-        ax.plot(100 * d["mean"], i, "o", color=color, mfc=color if d["significant"] else "white")
-    ax.axvline(0, color="k", lw=1)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("paired difference of deployed test accuracy, points (95% t interval over seeds)")
-    ax.grid(axis="x", alpha=0.3)
+    height = 0.26 * max(len(rows) for rows in panels) + 0.9
+    fig = Figure(figsize=(5.2 * len(panels), height), layout="constrained")
+    titles = iter(("recipes", "channel permutation: X+perm − X") if len(panels) == 2 else ("",))
+    for ax, rows, title in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, titles):
+        for i, (label, d) in enumerate(rows):
+            color = _STYLE[label.split(": ")[1].split(" − ")[0].removesuffix("+perm")][0]
+            ax.plot([100 * d["ci95"][0], 100 * d["ci95"][1]], [i, i], color=color, lw=2)
+            ax.plot(100 * d["mean"], i, "o", color=color, mfc=color if d["significant"] else "white")
+        ax.axvline(0, color="k", lw=1)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("paired difference, points (95% t interval over seeds)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("deployed test accuracy, paired by seed; filled: the interval excludes 0", fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
 
 
@@ -443,6 +525,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="keep the runs (and dense checkpoints) already in OUT and run only the missing ones")
     p.add_argument("--from-json", type=Path, help="only redo the tables and plot of a results.json")
+    p.add_argument("--permutation-cost", action="store_true",
+                   help="only time spre_fx.permute_channels on the dense checkpoints in OUT/pretrained "
+                        "(writes OUT/permutation_cost.json)")
     return p.parse_args(argv)
 
 
@@ -482,6 +567,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.permutation_cost:
+        cost = permutation_cost(out, args.datasets, args.sparsities, args.seeds)
+        (out / "permutation_cost.json").write_text(json.dumps(cost, indent=1))
+        print(permutation_cost_table(cost))
+        return cost
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         records, meta = saved["runs"], saved["meta"]
@@ -545,7 +635,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     rec = summary["recommendation"]
     print(f"\nrecommended (protocol's rule): {rec and rec['arm']}; best fine-tuning arm by mean: "
-          f"{summary['best_finetuned']}; max convert error {summary['max_convert_error']}; "
+          f"{summary['best_finetuned']}; max convert error {summary['max_convert_error']}; max permutation "
+          f"error {summary['max_permutation_error']} ({summary['permuted_runs']} runs); "
           f"pairing mismatches: {summary['pairing']['mismatches'] or 'none'}")
     if summary["cells"]:
         plot_accuracy(summary, out / "finetune_accuracy.png")

@@ -283,6 +283,16 @@ def test_finetune_study_quick_arms_pairing_and_permutation_arms(tmp_path, monkey
     assert "| digits | 2:4 |" in (out / "tables.md").read_text()
     again = study.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path / "again")])
     assert again["cells"] == summary["cells"]
+    assert (summary["permuted_runs"], summary["max_permutation_error"]) == (6, 0.0)  # 3 +perm arms, 2 seeds
+    beside = "| dataset | N:M | oneshot | oneshot+perm | oneshot+perm − oneshot | asp | asp+perm |"
+    assert beside in (out / "tables.md").read_text()  # each permuted arm beside its arm
+
+    # The permutation's cost, measured apart from the runs on the same checkpoints, with the real function.
+    monkeypatch.undo()
+    cost = study.main(["--permutation-cost", "--datasets", "digits", "--sparsities", "2:4",
+                       "--seeds", "0", "1", "--out", str(out)])["digits 2:4"]
+    assert cost["seeds"] == 2 and cost["groups"] > 0 and 0 <= cost["coverage"] <= 1
+    assert 0.5 <= cost["kept_before"] <= cost["kept_after"] <= 1  # 2:4 keeps at least half of every group
 
 
 def test_finetune_study_skips_permutation_arms_without_the_function(tmp_path, monkeypatch, capsys):
