@@ -85,12 +85,15 @@ def networks(draw, frozen: bool = False):
 
 @settings(max_examples=25, deadline=None)
 @given(net=networks(), nm=st.sampled_from([(2, 4), (1, 4), (1, 2), (2, 8), (4, 8)]),
-       spre=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 99))
-def test_convert_is_exact_on_generated_networks(net, nm, spre, dtype, seed):
+       spre=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 99),
+       silent=st.booleans())
+def test_convert_is_exact_on_generated_networks(net, nm, spre, dtype, seed, silent):
+    """Both branch starts: silent (the default; γ has moved after the two steps) and the paper's,
+    whose branch is heard at full strength from step 0."""
     torch.manual_seed(seed)
     net = net.to(dtype)
     x = tiny_input(batch=3, size=10, dtype=dtype)
-    p = spre_fx.prepare(net, nm=nm, spre=spre)
+    p = spre_fx.prepare(net, nm=nm, spre=spre, silent_branch=silent)
     train_steps(p, x, steps=2)
     p.eval()
     c = spre_fx.convert(p)
