@@ -62,8 +62,10 @@ class Permutation:
         return moved / self.nm_channels if self.nm_channels else 0.0
 
     def share_kept(self, after: bool = True) -> float:
+        """Share of the searched columns' Σ|w| that N:M keeps, before or after (a group left as it
+        was keeps what it kept before, whatever its search found)."""
         total = sum(g.total for g in self.groups)
-        kept = sum(g.kept_after if after else g.kept_before for g in self.groups)
+        kept = sum(g.kept_after if after and g.applied else g.kept_before for g in self.groups)
         return kept / total if total else 0.0
 
     def __str__(self) -> str:
