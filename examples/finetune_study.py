@@ -41,8 +41,27 @@ from pathlib import Path
 import torch
 from digits import Method, Run, accuracy, deploy, train
 from matplotlib.figure import Figure
-from paired import fmt_difference, fmt_mean_sd, mean_interval, paired_difference, pairing_check
-from study import Recipe, parse_nm, sparsified_layers
+from paired import (
+    by_seed,
+    difference_summary,
+    fingerprint,
+    fmt_difference,
+    fmt_mean_sd,
+    mean_summary,
+    pairing_check,
+)
+from plots import Panel, Series, draw_forest, plot_accuracy, save
+from study import (
+    Recipe,
+    nm_sparsity,
+    read_results,
+    recalibration_table,
+    sparsified_layers,
+    start_study,
+    study_parser,
+    write_results,
+    write_summary,
+)
 from torch import Tensor, nn
 
 import spre_fx
@@ -106,14 +125,6 @@ class Job:
     @property
     def base(self) -> str:
         return self.arm.removesuffix("+perm")
-
-
-def fingerprint(tensors) -> str:
-    """A short digest of tensors' bytes: runs that must share weights or batches are checked by it."""
-    h = hashlib.blake2b(digest_size=8)
-    for t in tensors:
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def checkpoint_path(out: Path, dataset: str, seed: int) -> Path:
@@ -249,31 +260,10 @@ def run_arm(job: Job, study: Study, out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- analysis
-def _accs(records: list[dict], dataset: str, label: str) -> dict[int, float]:
-    return {r["seed"]: r["test_acc"] for r in records if r["dataset"] == dataset and r["label"] == label}
-
-
-def _stats(values: dict[int, float]) -> dict:
-    iv = mean_interval(list(values.values()))
-    return {"mean": iv.mean, "sd": iv.sd, "ci95": [iv.low, iv.high], "n": iv.n}
-
-
-def _diff(a: dict[int, float], b: dict[int, float]) -> dict | None:
-    if len(set(a) & set(b)) < 2:
-        return None
-    d = paired_difference(a, b)
-    return {"mean": d.mean, "ci95": [d.low, d.high], "n": d.n, "significant": d.significant}
-
-
 def arm_order(arm: str) -> tuple[int, bool]:
     """Sort key of arm names: (a)-(e), each followed by its +perm variant; "dense" first."""
     base = arm.removesuffix("+perm")
     return (ARMS.index(base) + 1 if base in ARMS else 0, arm.endswith("+perm"))
-
-
-def _rate(nm: str) -> float:
-    n, m = map(int, nm.split(":"))
-    return 1 - n / m
 
 
 # The paired comparisons the protocol names, (a, b) for a − b.
@@ -322,20 +312,20 @@ def recommend(cells: list[dict]) -> dict:
 
 def analyse(records: list[dict]) -> dict:
     """Every number the docs report, from the per-run records."""
-    dense = {ds: _accs(records, ds, "dense") for ds in dict.fromkeys(r["dataset"] for r in records)}
+    dense = {ds: by_seed(records, ds, "dense") for ds in dict.fromkeys(r["dataset"] for r in records)}
     cells = []
     keys = {(r["dataset"], r["nm"]) for r in records if r["nm"] is not None}
-    for ds, nm in sorted(keys, key=lambda c: (c[0], _rate(c[1]))):
+    for ds, nm in sorted(keys, key=lambda c: (c[0], nm_sparsity(c[1]))):
         arms = dict.fromkeys(r["arm"] for r in records if r["dataset"] == ds and r["nm"] == nm)
-        acc = {arm: _accs(records, ds, f"{arm} {nm}") for arm in arms}
-        cell = {"dataset": ds, "nm": nm, "arms": {arm: _stats(v) for arm, v in acc.items()}}
+        acc = {arm: by_seed(records, ds, f"{arm} {nm}") for arm in arms}
+        cell = {"dataset": ds, "nm": nm, "arms": {arm: mean_summary(v) for arm, v in acc.items()}}
         if dense.get(ds):
-            cell["arms"]["dense"] = _stats(dense[ds])
+            cell["arms"]["dense"] = mean_summary(dense[ds])
         pairs = [*COMPARISONS, *PERMUTATION_PAIRS, *[("dense", a) for a in FINETUNED]]
         acc["dense"] = dense.get(ds, {})
         for key, chosen in (("diffs", pairs), ("exploratory", EXPLORATORY)):
             cell[key] = {f"{a} - {b}": d for a, b in chosen
-                         if acc.get(a) and acc.get(b) and (d := _diff(acc[a], acc[b]))}
+                         if acc.get(a) and acc.get(b) and (d := difference_summary(acc[a], acc[b]))}
         kept = {arm: statistics.fmean(r["kept_magnitude"] for r in records
                                       if r["dataset"] == ds and r["nm"] == nm and r["arm"] == arm)
                 for arm in ("oneshot", "oneshot+perm") if arm in arms}
@@ -409,10 +399,7 @@ def tables(summary: dict) -> str:
     lines += ["", "| run (mean over seeds) | optimizer steps | CPU-s per run |", "|---|---|---|"]
     for name, c in summary["cost"].items():
         lines.append(f"| {name} | {c['steps']} | {c['cpu_seconds']:.1f} |")
-    lines += ["", "| runs (mean over seeds) | eval accuracy before recalibration | deployed, after |",
-              "|---|---|---|"]
-    for name, r in summary["recalibration"].items():
-        lines.append(f"| {name} | {100 * r['before']:.2f} | {100 * r['after']:.2f} |")
+    lines += ["", *recalibration_table(summary["recalibration"])]
     return "\n".join(lines)
 
 
@@ -444,36 +431,27 @@ _STYLE = {"oneshot": ("tab:gray", "o"), "asp": ("tab:green", "s"), "srste": ("ta
           "spre": ("tab:red", "v"), "spre-silent": ("tab:orange", "D")}
 
 
-def plot_accuracy(summary: dict, path: Path) -> None:
+def plot_finetune_accuracy(summary: dict, path: Path) -> None:
     """Deployed test accuracy vs sparsity per arm (mean, 95 % t interval over seeds), one panel per
     dataset; dashed: the dense nets; hollow markers: the arm with channel permutation."""
-    datasets = list(dict.fromkeys(c["dataset"] for c in summary["cells"]))
-    fig = Figure(figsize=(4.6 * len(datasets), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    for ax, ds in zip(axes, datasets):
+    panels = {}
+    for ds in dict.fromkeys(c["dataset"] for c in summary["cells"]):
         cells = [c for c in summary["cells"] if c["dataset"] == ds]
-        rates = [_rate(c["nm"]) for c in cells]
+        rates = [nm_sparsity(c["nm"]) for c in cells]
         arms = sorted({a for c in cells for a in c["arms"] if a != "dense"}, key=arm_order)
+        series = []
         for i, arm in enumerate(arms):
             color, marker = _STYLE[arm.removesuffix("+perm")]
             pts = [(x + (i - len(arms) / 2) * 0.004, c["arms"][arm]) for x, c in zip(rates, cells)
                    if arm in c["arms"]]
-            xs, st = zip(*pts)
-            ys = [100 * d["mean"] for d in st]
-            low = [100 * (d["mean"] - d["ci95"][0]) for d in st]
-            high = [100 * (d["ci95"][1] - d["mean"]) for d in st]
-            err = [[0 if math.isnan(v) else v for v in e] for e in (low, high)]
             perm = arm.endswith("+perm")
-            ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=2, color=color, ls=":" if perm else "-",
-                        mfc="white" if perm else color, label=LABELS.get(arm, arm))
-        if "dense" in cells[0]["arms"]:
-            ax.axhline(100 * cells[0]["arms"]["dense"]["mean"], color="k", ls="--", lw=1, label="dense")
-        ax.set_xticks(rates, [f"{c['nm']}\n({r:.1%})" for c, r in zip(cells, rates)])
-        ax.set(title=ds, xlabel="N:M (sparsity)", ylabel="deployed test accuracy %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("from a dense net: mean over seeds, bars: 95% t interval of the mean", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
+            series.append(Series(*zip(*pts), {"marker": marker, "capsize": 2, "color": color,
+                                              "ls": ":" if perm else "-", "mfc": "white" if perm else color,
+                                              "label": LABELS.get(arm, arm)}))
+        dense = cells[0]["arms"].get("dense")
+        panels[ds] = Panel(tuple(c["nm"] for c in cells), tuple(rates), dense, tuple(series))
+    plot_accuracy(panels, path, (4.6, 3.8),
+                  "from a dense net: mean over seeds, bars: 95% t interval of the mean")
 
 
 # The paired differences of the second plot: left, the recipes (what decides the recommendation);
@@ -482,11 +460,12 @@ FOREST = (("srste - asp", "spre-silent - asp", "spre - asp", "spre-silent - srst
           tuple(f"{a} - {b}" for a, b in PERMUTATION_PAIRS))
 
 
-def plot_differences(summary: dict, path: Path) -> None:
+def plot_finetune_differences(summary: dict, path: Path) -> None:
     """The paired differences per cell, points with 95 % t intervals: the recipes' comparisons, and
     (a second panel, when any arm ran with permutation) X+perm − X; filled markers: the interval
     excludes 0."""
-    panels = [[(f"{c['dataset']} {c['nm']}: {name.replace(' - ', ' − ')}", c["diffs"][name])
+    color = lambda name: _STYLE[name.split(" - ")[0].removesuffix("+perm")][0]
+    panels = [[(f"{c['dataset']} {c['nm']}: {name.replace(' - ', ' − ')}", c["diffs"][name], color(name))
                for c in summary["cells"] for name in names if name in c["diffs"]] for names in FOREST]
     panels = [rows for rows in panels if rows]
     if not panels:
@@ -495,36 +474,21 @@ def plot_differences(summary: dict, path: Path) -> None:
     fig = Figure(figsize=(5.2 * len(panels), height), layout="constrained")
     titles = iter(("recipes", "channel permutation: X+perm − X") if len(panels) == 2 else ("",))
     for ax, rows, title in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, titles):
-        for i, (label, d) in enumerate(rows):
-            color = _STYLE[label.split(": ")[1].split(" − ")[0].removesuffix("+perm")][0]
-            ax.plot([100 * d["ci95"][0], 100 * d["ci95"][1]], [i, i], color=color, lw=2)
-            ax.plot(100 * d["mean"], i, "o", color=color, mfc=color if d["significant"] else "white")
-        ax.axvline(0, color="k", lw=1)
-        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
-        ax.set_ylim(len(rows) - 0.5, -0.5)
+        draw_forest(ax, rows)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("paired difference, points (95% t interval over seeds)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
     fig.suptitle("deployed test accuracy, paired by seed; filled: the interval excludes 0", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
+    save(fig, path)
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--datasets", nargs="+", choices=sorted(STUDIES), default=["digits", "mnist"])
-    p.add_argument("--sparsities", nargs="+", type=parse_nm, default=[(2, 4), (1, 4), (1, 8)], metavar="N:M")
+    p = study_parser(__doc__.splitlines()[0], list(STUDIES), "out/finetune")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--perm-arms", nargs="*", choices=PERMUTED, default=list(PERMUTED),
                    help="arms with channel permutation first (run only when spre_fx.permute_channels exists)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
-    p.add_argument("--quick", action="store_true", help="tiny sizes: the code path only (tests)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
-    p.add_argument("--out", type=Path, default=Path("out/finetune"))
     p.add_argument("--resume", action="store_true",
                    help="keep the runs (and dense checkpoints) already in OUT and run only the missing ones")
-    p.add_argument("--from-json", type=Path, help="only redo the tables and plot of a results.json")
     p.add_argument("--permutation-cost", action="store_true",
                    help="only time spre_fx.permute_channels on the dense checkpoints in OUT/pretrained "
                         "(writes OUT/permutation_cost.json)")
@@ -563,18 +527,14 @@ def _execute(jobs: list[Job], studies: dict[str, Study], out: Path, processes: i
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    out, start = start_study(args)
     if args.permutation_cost:
         cost = permutation_cost(out, args.datasets, args.sparsities, args.seeds)
         (out / "permutation_cost.json").write_text(json.dumps(cost, indent=1))
         print(permutation_cost_table(cost))
         return cost
     if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        records, meta = saved["runs"], saved["meta"]
+        records, meta = read_results(args.from_json)
     else:
         studies = {ds: (QUICK if args.quick else STUDIES)[ds] for ds in args.datasets}
         for ds, st in studies.items():
@@ -595,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
         grid = sorted(grid + perm([a for a in perm_arms if a != "best+perm"]), key=order)
         records: list[dict] = []
         if args.resume and (out / "results.json").is_file():
-            records = json.loads((out / "results.json").read_text())["runs"]
+            records, _ = read_results(out / "results.json")
             have = {(r["dataset"], r["label"], r["seed"]) for r in records}
             missing = lambda j: (j.dataset, j.label, j.seed) not in have or (
                 j.arm == "dense" and not checkpoint_path(out, j.dataset, j.seed).is_file())
@@ -612,9 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "complete": False}
 
         def save() -> None:
-            meta["wall_seconds"] = time.perf_counter() - start
-            runs = sorted(records, key=lambda r: (r["dataset"], r["label"], r["seed"]))
-            (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+            write_results(out, meta, records, start)
 
         _execute(grid, studies, out, args.jobs, records, save, total)
         if "best+perm" in perm_arms and (best := best_finetuned(records)):
@@ -627,20 +585,15 @@ def main(argv: list[str] | None = None) -> dict:
         meta["complete"] = True
         save()
     summary = analyse(records)
-    summary["meta"] = meta
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    text = tables(summary)
-    (out / "tables.md").write_text(text + "\n")
-    print()
-    print(text)
+    write_summary(out, summary, meta, tables(summary))
     rec = summary["recommendation"]
     print(f"\nrecommended (protocol's rule): {rec and rec['arm']}; best fine-tuning arm by mean: "
           f"{summary['best_finetuned']}; max convert error {summary['max_convert_error']}; max permutation "
           f"error {summary['max_permutation_error']} ({summary['permuted_runs']} runs); "
           f"pairing mismatches: {summary['pairing']['mismatches'] or 'none'}")
     if summary["cells"]:
-        plot_accuracy(summary, out / "finetune_accuracy.png")
-        plot_differences(summary, out / "finetune_differences.png")
+        plot_finetune_accuracy(summary, out / "finetune_accuracy.png")
+        plot_finetune_differences(summary, out / "finetune_differences.png")
     print(f"wrote results.json, summary.json, tables.md and the PNGs to {out} "
           f"({time.perf_counter() - start:.0f} s)")
     return summary

@@ -1,12 +1,16 @@
 """Paired statistics over seeds for the examples: mean ± std, and paired differences with a 95 %
-confidence interval from the t distribution (no scipy: a table of its 0.975 quantiles)."""
+confidence interval from the t distribution (no scipy: a table of its 0.975 quantiles); the
+summaries the studies store of them, and the digests that check runs are paired."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+import torch
 
 # Student t, 0.975 quantile, degrees of freedom 1-30 (standard tables, 4 decimals).
 _T975 = (
@@ -65,6 +69,26 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Interva
     return mean_interval([a[s] - b[s] for s in seeds])
 
 
+def by_seed(records: Iterable[Mapping], dataset: str, label: str) -> dict[int, float]:
+    """Test accuracy by seed of the runs of one dataset and label (a method at an N:M)."""
+    return {r["seed"]: r["test_acc"] for r in records if r["dataset"] == dataset and r["label"] == label}
+
+
+def mean_summary(values: Mapping[int, float]) -> dict:
+    """The stored summary of values over seeds: mean, sd, ci95 (95 % t interval), n."""
+    iv = mean_interval(list(values.values()))
+    return {"mean": iv.mean, "sd": iv.sd, "ci95": [iv.low, iv.high], "n": iv.n}
+
+
+def difference_summary(a: Mapping[int, float], b: Mapping[int, float]) -> dict | None:
+    """The stored summary of a − b paired by seed (mean, ci95, n, significant); None when they
+    share fewer than 2 seeds (no interval)."""
+    if len(set(a) & set(b)) < 2:
+        return None
+    d = paired_difference(a, b)
+    return {"mean": d.mean, "ci95": [d.low, d.high], "n": d.n, "significant": d.significant}
+
+
 def share_closed(unstructured: Mapping[int, float], srste: Mapping[int, float],
                  spre: Mapping[int, float]) -> float | None:
     """mean(SpRe − SR-STE) / mean(unstructured − SR-STE), when that gap is significantly > 0."""
@@ -86,6 +110,15 @@ def pairing_check(records: list[Mapping], keys: tuple[str, ...]) -> dict:
             if len({r[key] for r in rs if r.get(key) is not None}) > 1:
                 bad.append(f"{ds} seed {seed}: {key} differs")
     return {"groups": len(groups), "mismatches": bad}
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """A short digest of tensors' bytes: runs that must share weights, RNG state or batches are
+    checked by it (`pairing_check`)."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def fmt_difference(d: Mapping | None) -> str:

@@ -41,16 +41,19 @@ from pathlib import Path
 
 import torch
 from digits import CifarResNet, DigitsResNet, Method, Run, accuracy, deploy, load_data, plot_spatial, train
-from matplotlib.figure import Figure
 from paired import (
     Interval,
+    by_seed,
+    difference_summary,
+    fingerprint,
     fmt_difference,
     fmt_mean_sd,
-    mean_interval,
+    mean_summary,
     paired_difference,
     pairing_check,
     share_closed,
 )
+from plots import Panel, Series, plot_accuracy, plot_forest
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -199,13 +202,6 @@ class Job:
         return name if self.nm is None else f"{name} {self.nm[0]}:{self.nm[1]}"
 
 
-def _digest(tensors) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for t in tensors:
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _spatial_masks(model: nn.Module) -> list[Tensor]:
     return [m.spatial_mask.clone() for m in model.modules() if isinstance(m, SpReConv2d)]
 
@@ -231,7 +227,7 @@ def run_job(job: Job, recipe: Recipe, threads: int = 1, keep_models: bool = Fals
 
     def build():
         model = recipe.build()
-        trace["init"] = _digest(model.state_dict().values())  # the main-branch weights of this seed
+        trace["init"] = fingerprint(model.state_dict().values())  # the main-branch weights of this seed
         return model
 
     prepared_holder: list[nn.Module] = []
@@ -243,7 +239,7 @@ def run_job(job: Job, recipe: Recipe, threads: int = 1, keep_models: bool = Fals
 
     def on_batch(idx):
         if trace["rng"] is None:  # where the global RNG is when training starts
-            trace["rng"] = _digest([torch.random.get_rng_state()])
+            trace["rng"] = fingerprint([torch.random.get_rng_state()])
             if prepared_holder:
                 trace["s0"] = _spatial_masks(prepared_holder[0])
         trace["batches"].update(idx.numpy().tobytes())
@@ -295,11 +291,8 @@ def sparsified_layers(recipe: Recipe) -> list[str]:
 
 
 # --------------------------------------------------------------------------- analysis
-def _accs(records: list[dict], dataset: str, label: str) -> dict[int, float]:
-    return {r["seed"]: r["test_acc"] for r in records if r["dataset"] == dataset and r["label"] == label}
-
-
-def _rate(nm: str) -> float:
+def nm_sparsity(nm: str) -> float:
+    """The sparsity 1 − N/M of an "N:M" label."""
     n, m = map(int, nm.split(":"))
     return 1 - n / m
 
@@ -307,14 +300,14 @@ def _rate(nm: str) -> float:
 def main_cells(records: list[dict]) -> list[tuple[str, str]]:
     """(dataset, N:M) of the main grid, by dataset and then sparsity."""
     cells = {(r["dataset"], r["nm"]) for r in records if r["nm"] is not None and r["variant"] is None}
-    return sorted(cells, key=lambda c: (c[0], _rate(c[1])))
+    return sorted(cells, key=lambda c: (c[0], nm_sparsity(c[1])))
 
 
 def gaps(records: list[dict]) -> dict[tuple[str, str], Interval]:
     """unstructured − SR-STE per (dataset, N:M), paired by seed."""
     out = {}
     for ds, nm in main_cells(records):
-        u, s = _accs(records, ds, f"unstructured {nm}"), _accs(records, ds, f"srste {nm}")
+        u, s = by_seed(records, ds, f"unstructured {nm}"), by_seed(records, ds, f"srste {nm}")
         if len(set(u) & set(s)) >= 2:
             out[ds, nm] = paired_difference(u, s)
     return out
@@ -330,36 +323,29 @@ def analyse(records: list[dict]) -> dict:
     """Every number docs/results.md reports, from the per-run records."""
     cells = []
     for ds, nm in main_cells(records):
-        acc = {name: _accs(records, ds, f"{name} {nm}") for name in ("unstructured", "srste", "spre")}
-        acc["dense"] = _accs(records, ds, "dense")
+        acc = {name: by_seed(records, ds, f"{name} {nm}") for name in ("unstructured", "srste", "spre")}
+        acc["dense"] = by_seed(records, ds, "dense")
         cell = {"dataset": ds, "nm": nm}
         for name, values in acc.items():
             if values:
-                iv = mean_interval(list(values.values()))
-                cell[name] = {"mean": iv.mean, "sd": iv.sd, "ci95": [iv.low, iv.high], "n": iv.n}
+                cell[name] = mean_summary(values)
         for a, b in (("spre", "srste"), ("unstructured", "srste"), ("unstructured", "spre")):
-            if len(set(acc[a]) & set(acc[b])) >= 2:
-                d = paired_difference(acc[a], acc[b])
-                cell[f"{a}-{b}"] = {"mean": d.mean, "ci95": [d.low, d.high], "n": d.n,
-                                    "significant": d.significant}
+            if d := difference_summary(acc[a], acc[b]):
+                cell[f"{a}-{b}"] = d
         if acc["unstructured"] and acc["srste"] and acc["spre"]:
             cell["share_closed"] = share_closed(acc["unstructured"], acc["srste"], acc["spre"])
         cells.append(cell)
     ablations = []
     for ds, nm in dict.fromkeys((r["dataset"], r["nm"]) for r in records if r["variant"]):
-        spre, srste = _accs(records, ds, f"spre {nm}"), _accs(records, ds, f"srste {nm}")
+        spre, srste = by_seed(records, ds, f"spre {nm}"), by_seed(records, ds, f"srste {nm}")
         for variant in dict.fromkeys(r["variant"] for r in records if r["variant"]):
-            acc = _accs(records, ds, f"spre/{variant} {nm}")
+            acc = by_seed(records, ds, f"spre/{variant} {nm}")
             if not acc:
                 continue
-            iv = mean_interval(list(acc.values()))
-            row = {"dataset": ds, "nm": nm, "variant": variant,
-                   "acc": {"mean": iv.mean, "sd": iv.sd, "ci95": [iv.low, iv.high], "n": iv.n}}
+            row = {"dataset": ds, "nm": nm, "variant": variant, "acc": mean_summary(acc)}
             for ref, name in ((spre, "spre"), (srste, "srste")):
-                if len(set(acc) & set(ref)) >= 2:
-                    d = paired_difference(acc, ref)
-                    row[f"minus_{name}"] = {"mean": d.mean, "ci95": [d.low, d.high], "n": d.n,
-                                            "significant": d.significant}
+                if d := difference_summary(acc, ref):
+                    row[f"minus_{name}"] = d
             ablations.append(row)
     nm_runs = [r for r in records if r["convert_error"] is not None]
     pairing = pairing_check(records, ("init_digest", "rng_digest", "batches_digest"))
@@ -402,49 +388,44 @@ def tables(summary: dict) -> str:
             lines.append(f"| {a['variant']} ({a['dataset']} {a['nm']}) | {fmt_mean_sd(a['acc'])} | "
                          f"{fmt_difference(a.get('minus_spre'))} | {fmt_difference(a.get('minus_srste'))} |")
     if summary.get("recalibration"):
-        lines += ["", "| runs (mean over seeds) | eval accuracy before recalibration | deployed, after |",
-                  "|---|---|---|"]
-        for name, r in summary["recalibration"].items():
-            lines.append(f"| {name} | {100 * r['before']:.2f} | {100 * r['after']:.2f} |")
+        lines += ["", *recalibration_table(summary["recalibration"])]
     return "\n".join(lines)
+
+
+def recalibration_table(recalibration: dict[str, dict]) -> list[str]:
+    """Markdown lines: per group of runs, eval accuracy before the BN statistics are re-estimated
+    and the deployed accuracy after (both in percent)."""
+    lines = ["| runs (mean over seeds) | eval accuracy before recalibration | deployed, after |",
+             "|---|---|---|"]
+    for name, r in recalibration.items():
+        lines.append(f"| {name} | {100 * r['before']:.2f} | {100 * r['after']:.2f} |")
+    return lines
 
 
 # --------------------------------------------------------------------------- figures
 _COLORS = {"dense": "k", "unstructured": "tab:green", "srste": "tab:blue", "spre": "tab:red"}
 
 
-def plot_accuracy(summary: dict, path: Path) -> None:
+def plot_accuracy_vs_sparsity(summary: dict, path: Path) -> None:
     """Deployed test accuracy vs sparsity per method, mean with its 95 % t interval over seeds."""
-    datasets = list(dict.fromkeys(c["dataset"] for c in summary["cells"]))
-    fig = Figure(figsize=(4.2 * len(datasets), 3.4), layout="constrained")
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    for ax, ds in zip(axes, datasets):
+    panels = {}
+    for ds in dict.fromkeys(c["dataset"] for c in summary["cells"]):
         cells = [c for c in summary["cells"] if c["dataset"] == ds]
-        rates = [_rate(c["nm"]) for c in cells]
+        rates = [nm_sparsity(c["nm"]) for c in cells]
+        series = []
         for i, name in enumerate(("unstructured", "srste", "spre")):
             pts = [(x + (i - 1) * 0.006, c[name]) for x, c in zip(rates, cells) if name in c]
-            if not pts:
-                continue
-            xs, ds_ = zip(*pts)
-            ys = [100 * d["mean"] for d in ds_]
-            err = [[100 * (d["mean"] - d["ci95"][0]) for d in ds_],
-                   [100 * (d["ci95"][1] - d["mean"]) for d in ds_]]
-            err = [[0 if math.isnan(v) else v for v in e] for e in err]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=_COLORS[name],
-                        label={"srste": "SR-STE", "spre": "SpRe"}.get(name, name))
-        dense = cells[0].get("dense")
-        if dense:
-            ax.axhline(100 * dense["mean"], color="k", ls="--", lw=1, label="dense")
-        ax.set_xticks(rates, [f"{c['nm']}\n({r:.1%})" for c, r in zip(cells, rates)])
-        ax.set(title=ds, xlabel="N:M (sparsity)", ylabel="deployed test accuracy %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("mean over seeds, bars: 95% t interval of the mean", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
+            if pts:
+                label = {"srste": "SR-STE", "spre": "SpRe"}.get(name, name)
+                series.append(Series(*zip(*pts), {"marker": "o", "capsize": 3, "color": _COLORS[name],
+                                                  "label": label}))
+        panels[ds] = Panel(tuple(c["nm"] for c in cells), tuple(rates), cells[0].get("dense"), tuple(series))
+    plot_accuracy(panels, path, (4.2, 3.4), "mean over seeds, bars: 95% t interval of the mean")
 
 
-def plot_forest(summary: dict, path: Path) -> None:
-    """Paired differences (percentage points) with 95 % t intervals; filled = significant."""
+def plot_paired_differences(summary: dict, path: Path) -> None:
+    """Paired differences (percentage points) with 95 % t intervals; filled = significant;
+    red: SpRe − SR-STE."""
     rows = []
     for c in summary["cells"]:
         for key, name in (("spre-srste", "SpRe − SR-STE"), ("unstructured-srste", "unstructured − SR-STE")):
@@ -454,19 +435,9 @@ def plot_forest(summary: dict, path: Path) -> None:
         for key, name in (("minus_spre", "− SpRe"), ("minus_srste", "− SR-STE")):
             if key in a:
                 rows.append((f"{a['dataset']} {a['nm']}: {a['variant']} {name}", a[key]))
-    fig = Figure(figsize=(6.5, 0.28 * len(rows) + 0.9), layout="constrained")
-    ax = fig.subplots()
-    for i, (_, d) in enumerate(rows):
-        lo, hi = 100 * d["ci95"][0], 100 * d["ci95"][1]
-        color = "tab:red" if "SpRe − SR-STE" in rows[i][0] else "tab:gray"
-        ax.plot([lo, hi], [i, i], color=color, lw=2)
-        ax.plot(100 * d["mean"], i, "o", color=color, mfc=color if d["significant"] else "white")
-    ax.axvline(0, color="k", lw=1)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("paired difference of deployed test accuracy, percentage points (95% t interval)")
-    ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
+    rows = [(label, d, "tab:red" if "SpRe − SR-STE" in label else "tab:gray") for label, d in rows]
+    plot_forest(rows, path, "paired difference of deployed test accuracy, percentage points (95% t interval)",
+                row_height=0.28)
 
 
 # --------------------------------------------------------------------------- main
@@ -480,29 +451,68 @@ def parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def study_parser(description: str, datasets: list[str], out: str) -> argparse.ArgumentParser:
+    """The options every study takes (this one, examples/finetune_study.py): which cells and seeds,
+    how large, how many processes, where the results go, and the tables-only rerun."""
+    p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--datasets", nargs="+", choices=sorted(RECIPES), default=["digits", "mnist"])
+    p.add_argument("--datasets", nargs="+", choices=sorted(datasets), default=["digits", "mnist"])
     p.add_argument("--sparsities", nargs="+", type=parse_nm, default=[(2, 4), (1, 4), (1, 8)], metavar="N:M")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
+    p.add_argument("--quick", action="store_true", help="tiny sizes: the code path only (tests)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
+    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--from-json", type=Path, help="only redo the tables and plots of a results.json")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = study_parser(__doc__.splitlines()[0], list(RECIPES), "out/study")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=list(ABLATIONS),
                    help="SpRe variants run at the ablation cell (none: no ablations)")
     p.add_argument("--ablation-cell", default="mnist:1:8", metavar="DATASET:N:M",
                    help="where the ablations run (docs/results.md); auto: the cell with the largest mean "
                    "unstructured − SR-STE gap of the main grid, after it")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
     p.add_argument("--epochs", type=int, help="override every recipe's epochs")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: the code path only (tests)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
-    p.add_argument("--out", type=Path, default=Path("out/study"))
-    p.add_argument("--from-json", type=Path, help="only redo the tables and plots of a results.json")
     p.add_argument("--primary-first", action="store_true",
                    help="run every seed's unstructured, SR-STE and SpRe runs before dense and ablation runs")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in OUT/results.json and run only the missing ones")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def start_study(args: argparse.Namespace) -> tuple[Path, float]:
+    """One thread in this process (parallel runs are processes), OUT made absolute and created:
+    (OUT, the start time for `write_results`)."""
+    torch.set_num_threads(1)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, time.perf_counter()
+
+
+def read_results(path: Path) -> tuple[list[dict], dict]:
+    """The runs and the meta of a results.json (`--from-json`, `--resume`)."""
+    saved = json.loads(path.read_text())
+    return saved["runs"], saved["meta"]
+
+
+def write_results(out: Path, meta: dict, records: list[dict], start: float) -> None:
+    """OUT/results.json: the meta, with the wall time since `start` (perf_counter), and the runs
+    sorted by dataset, label and seed. Written after every run: a study cut short keeps them."""
+    meta["wall_seconds"] = time.perf_counter() - start
+    runs = sorted(records, key=lambda r: (r["dataset"], r["label"], r["seed"]))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+
+
+def write_summary(out: Path, summary: dict, meta: dict, text: str) -> None:
+    """OUT/summary.json (the summary with the runs' meta) and OUT/tables.md (`text`), printed."""
+    summary["meta"] = meta
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "tables.md").write_text(text + "\n")
+    print()
+    print(text)
 
 
 def _execute(jobs: list[Job], recipes: dict[str, Recipe], args, bar: tqdm, done: list[dict],
@@ -543,14 +553,10 @@ def _seed_major(jobs: list[Job], primary_first: bool = False) -> list[Job]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    out, start = start_study(args)
     keep: dict[str, list[Run]] = {}
     if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        records, meta = saved["runs"], saved["meta"]
+        records, meta = read_results(args.from_json)
     else:
         recipes = {ds: (QUICK if args.quick else RECIPES)[ds] for ds in RECIPES}
         if args.epochs:
@@ -573,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{n_total} runs; ablation cell {args.ablation_cell}; {args.jobs} process(es)", flush=True)
         records: list[dict] = []
         if args.resume and (out / "results.json").is_file():
-            records = json.loads((out / "results.json").read_text())["runs"]
+            records, _ = read_results(out / "results.json")
             have = {(r["dataset"], r["label"], r["seed"]) for r in records}
             grid = [j for j in grid if (j.dataset, j.label, j.seed) not in have]
             n_total = len(grid) + len(records)
@@ -587,9 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "resumed_runs": resumed}
 
         def save() -> None:
-            meta["wall_seconds"] = time.perf_counter() - start
-            runs = sorted(records, key=lambda r: (r["dataset"], r["label"], r["seed"]))
-            (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+            write_results(out, meta, records, start)
 
         with tqdm(total=n_total, initial=len(records), unit="run", file=sys.stderr,
                   disable=True if args.no_progress else None, dynamic_ncols=True) as bar:
@@ -603,20 +607,15 @@ def main(argv: list[str] | None = None) -> dict:
         records.sort(key=lambda r: (r["dataset"], r["label"], r["seed"]))
 
     summary = analyse(records)
-    summary["meta"] = meta
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    text = tables(summary)
-    (out / "tables.md").write_text(text + "\n")
-    print()
-    print(text)
+    write_summary(out, summary, meta, tables(summary))
     print(f"\nlargest unstructured − SR-STE gap: {summary['largest_gap_cell']}; "
           f"max convert error {summary['max_convert_error']}; "
           f"pairing mismatches: {summary['pairing']['mismatches'] or 'none'}; "
           f"frozen-S runs whose S moved: {summary['frozen_s_moved'] or 'none'}")
     if summary["cells"]:
-        plot_accuracy(summary, out / "accuracy_vs_sparsity.png")
+        plot_accuracy_vs_sparsity(summary, out / "accuracy_vs_sparsity.png")
     if any("spre-srste" in c for c in summary["cells"]) or summary["ablations"]:
-        plot_forest(summary, out / "paired_differences.png")
+        plot_paired_differences(summary, out / "paired_differences.png")
     for ds, runs in keep.items():
         for nm in dict.fromkeys(r.method.nm for r in runs if r.method.nm):
             plot_spatial(runs, nm, out / f"spatial_sparsity_{ds}_{nm[0]}-{nm[1]}.png")

@@ -24,7 +24,7 @@ import contextlib
 import json
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch import nn
 
 import spre_fx
 
-__all__ = ["TrainingSession", "Deployment", "find_prepared", "first_input"]
+__all__ = ["TrainingSession", "SessionCallback", "Deployment", "find_prepared", "first_input"]
 
 # model -> names of the layers a session holds. Kept per model, not per session: a trainer may
 # replace a callback by a new instance (the Hugging Face Trainer does when it restores callback
@@ -200,3 +200,64 @@ class TrainingSession:
                 json.dump(rep.to_dict(), f, indent=1)
             torch.save({k: v.detach().cpu() for k, v in deployed.state_dict().items()}, files[2])
         return Deployment(deployed, verification, rep, tuple(files))
+
+
+class SessionCallback:
+    """The framework-free half of a trainer callback (Lightning's, the Hugging Face Trainer's):
+    its options, the `TrainingSession` of the model it drives, the hold before a checkpoint may
+    load, and the end of training. The callback classes add the trainer's hooks.
+
+    Args:
+        schedule: a `spre_fx.MaskSchedule`, or its fields as keyword arguments (counted in
+            optimizer steps; `track_stats` follows `log_stats`). Validated here, not after a
+            long setup.
+        log_stats: the callback logs the mask statistics.
+        deploy: convert, verify and report at the end of training (implied by `export_dir`).
+        export_dir: where `TrainingSession.deploy` writes its files.
+        example_inputs: what `spre_fx.verify` runs (None: the trainer's first training batch).
+    """
+
+    def __init__(
+        self,
+        schedule: spre_fx.MaskSchedule | None = None,
+        *,
+        log_stats: bool = True,
+        deploy: bool = False,
+        export_dir: str | os.PathLike | None = None,
+        example_inputs: Any = None,
+        **schedule_fields: Any,
+    ) -> None:
+        if schedule is not None and schedule_fields:
+            raise ValueError("pass either schedule=spre_fx.MaskSchedule(...) or its fields, not both")
+        fields = {**(vars(schedule) if schedule is not None else schedule_fields), "track_stats": log_stats}
+        self.schedule = spre_fx.MaskSchedule(**fields)
+        self.log_stats = log_stats
+        self.deploy = deploy or export_dir is not None
+        self.export_dir = export_dir
+        self.example_inputs = example_inputs
+        self.session: TrainingSession | None = None
+        self.deployment: Deployment | None = None
+
+    def attach(self, model: nn.Module) -> TrainingSession:
+        """The session of `model`: the one this callback has, or a new one when the trainer's
+        prepared model is another object (a new fit, a model rebuilt in `configure_model`)."""
+        if self.session is None or self.session.model is not model:
+            self.session = TrainingSession(model, self.schedule)
+        return self.session
+
+    def hold(self, model: nn.Module) -> None:
+        """Before the trainer may load a checkpoint: `model`'s masks held as they are
+        (`TrainingSession.hold`), so that the checkpoint's masks load bit for bit."""
+        self.attach(model).hold()
+
+    def finish(self, main_process: bool, example: Callable[[], Any]) -> None:
+        """The end of training: with `deploy`, on the main process only, `TrainingSession.deploy`
+        on `example()` (called only then), kept as `self.deployment`; then the scheduler is
+        detached and any hold let go, also when deployment raised."""
+        if self.session is None:
+            return
+        try:
+            if self.deploy and main_process:
+                self.deployment = self.session.deploy(example(), self.export_dir)
+        finally:
+            self.session.stop()

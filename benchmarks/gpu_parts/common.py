@@ -43,52 +43,34 @@ class OutOfTime(Exception):
 
 @dataclass(frozen=True)
 class Sizes:
-    model: str  # a torchvision classifier, or "resnet10" (ResNet-18 with one block per stage)
-    batches: tuple[int, ...]  # layers and e2e, training-size batches
-    latency_batches: tuple[int, ...]  # e2e, deployed latency
-    size: int
-    dtypes: tuple[torch.dtype, ...]
-    check_batch: int  # numerics and advisor forwards
-    sgd_steps: int
-    bn_batches: int
-    train_batch: int
-    autocast: torch.dtype | None  # of the training step (None: float32; CPU bf16 convs crawl)
-    train_warmup: int
-    train_rounds: int
-    profile_steps: int
-    mlp_width: int  # the Linear-heavy model: MLP blocks of a ViT (ViT-B: 768 -> 3072 -> 768)
-    mlp_hidden: int
-    mlp_blocks: int
-    mlp_tokens: int  # per image (ViT at 224 px, patch 16: 197)
-    mlp_batches: tuple[int, ...]
-    warmup_ms: float
-    rep_ms: float
-    cpu_reps: int
+    """How large each part runs. The defaults are the GPU run's (`GPU`); `DRY` shrinks every one
+    of them for the CPU pass, which only proves the code path."""
+
+    model: str = "resnet50"  # a torchvision classifier, or "resnet10" (ResNet-18 with one block per stage)
+    batches: tuple[int, ...] = (64, 256)  # layers and e2e, training-size batches
+    latency_batches: tuple[int, ...] = (1, 4, 16)  # e2e, deployed latency
+    size: int = 224
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+    check_batch: int = 16  # numerics and advisor forwards
+    sgd_steps: int = 3
+    bn_batches: int = 4
+    train_batch: int = 64
+    # of the training step (None: float32; CPU bf16 convs crawl)
+    autocast: torch.dtype | None = torch.bfloat16
+    train_warmup: int = 3
+    train_rounds: int = 12
+    profile_steps: int = 3
+    mlp_width: int = 768  # the Linear-heavy model: MLP blocks of a ViT (ViT-B: 768 -> 3072 -> 768)
+    mlp_hidden: int = 3072
+    mlp_blocks: int = 4
+    mlp_tokens: int = 197  # per image (ViT at 224 px, patch 16: 197)
+    mlp_batches: tuple[int, ...] = (8, 64)
+    warmup_ms: float = 5
+    rep_ms: float = 30
+    cpu_reps: int = 0
 
 
-GPU = Sizes(
-    model="resnet50",
-    batches=(64, 256),
-    latency_batches=(1, 4, 16),
-    size=224,
-    dtypes=(torch.float16, torch.bfloat16),
-    check_batch=16,
-    sgd_steps=3,
-    bn_batches=4,
-    train_batch=64,
-    autocast=torch.bfloat16,
-    train_warmup=3,
-    train_rounds=12,
-    profile_steps=3,
-    mlp_width=768,
-    mlp_hidden=3072,
-    mlp_blocks=4,
-    mlp_tokens=197,
-    mlp_batches=(8, 64),
-    warmup_ms=5,
-    rep_ms=30,
-    cpu_reps=0,
-)
+GPU = Sizes()
 DRY = Sizes(
     model="resnet10",
     batches=(2,),
@@ -219,6 +201,12 @@ def rotation(ctx: Context, make: Callable[[], Tensor], nbytes: int) -> Callable[
 def randn(ctx: Context, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     x = torch.randn(shape, device=ctx.device, dtype=dtype)
     return x.contiguous(memory_format=CL) if x.dim() == 4 else x
+
+
+def random_inputs(ctx: Context, shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[], Tensor]:
+    """A `rotation` of `randn` inputs of `shape` and `dtype`: what a timed forward is fed, so
+    that no timing reads its input from the L2 cache."""
+    return rotation(ctx, lambda: randn(ctx, shape, dtype), math.prod(shape) * dtype.itemsize)
 
 
 # --------------------------------------------------------------------------- models

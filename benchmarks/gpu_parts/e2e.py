@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ from .common import (
     nm_layers,
     packed_names,
     randn,
-    rotation,
+    random_inputs,
     table,
     trained,
 )
@@ -107,7 +106,7 @@ def run(ctx: Context, rec: dict) -> None:
         ctx.deadline.check(f"e2e {dtype} batch {batch}")
         dense = in_dtype(converted, dtype)
         shape = (batch, 3, s.size, s.size)
-        nxt = rotation(ctx, lambda shape=shape, dtype=dtype: randn(ctx, shape, dtype), math.prod(shape) * 2)
+        nxt = random_inputs(ctx, shape, dtype)
         row: dict[str, Any] = {"dtype": str(dtype), "batch": batch}
         rec["runs"].append(row)
         flops = advise(dense, input_size=shape).flops
@@ -158,7 +157,7 @@ def latency(ctx: Context, rec: dict, converted: nn.Module, none_here: bool) -> N
     rec["latency"] = []
     for batch in s.latency_batches:
         shape = (batch, 3, s.size, s.size)
-        nxt = rotation(ctx, lambda shape=shape: randn(ctx, shape, dtype), math.prod(shape) * 2)
+        nxt = random_inputs(ctx, shape, dtype)
         row: dict[str, Any] = {"dtype": str(dtype), "batch": batch}
         rec["latency"].append(row)
         time_models(ctx, row, builders, nxt)

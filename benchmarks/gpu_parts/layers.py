@@ -27,6 +27,7 @@ from .common import (
     kernels_here,
     nm_layers,
     randn,
+    random_inputs,
     rotation,
     table,
     trained,
@@ -80,8 +81,7 @@ def time_layer(
     """Dense layer, im2col gather, dense and sparse GEMMs on the gathered input, and the sparse
     layer; with `fused_t`, cuSPARSELt once more with the transpose fused into the kernel, where
     this torch honours the flag (`ctx.cache["fused_t_skipped"]` says why not otherwise)."""
-    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
-    nxt = rotation(ctx, lambda: randn(ctx, shape, dtype), nbytes)
+    nxt = random_inputs(ctx, shape, dtype)
     row: dict[str, Any] = {}
     with torch.no_grad():
         row["dense_ms"] = bench_ms(ctx, lambda: mod(nxt()))

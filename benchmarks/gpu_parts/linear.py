@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from .common import (
     nm_layers,
     packed_names,
     randn,
-    rotation,
+    random_inputs,
     table,
 )
 from .layers import LAYER_HEAD, layer_rows, layer_specs, speedup_check, summarise, timed_row
@@ -94,7 +93,7 @@ def measure(ctx: Context, rec: dict, dense: nn.Module, names: list[str], kernels
         ctx.deadline.check(f"linear {dtype} batch {batch} {spec['names'][0]}")
         run_rec["rows"].append(timed_row(ctx, mods, spec, verdicts, dtype, kernels, fused_t=False))
     run_rec["summary"] = summarise(run_rec["rows"])
-    nxt = rotation(ctx, lambda: randn(ctx, shape, dtype), math.prod(shape) * 2)
+    nxt = random_inputs(ctx, shape, dtype)
     with torch.no_grad():
         run_rec["dense_ms"] = bench_ms(ctx, lambda: dense(nxt()), scale=5)
         if all(kernels.values()):

@@ -21,7 +21,6 @@ calls `spre_fx.prepare` there itself; the callback then finds the prepared model
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,12 +29,12 @@ from torch import nn
 
 import spre_fx
 
-from ..session import Deployment, TrainingSession, find_prepared, first_input
+from ..session import SessionCallback, find_prepared, first_input
 
 __all__ = ["SpReCallback"]
 
 
-class SpReCallback(pl.Callback):
+class SpReCallback(pl.Callback, SessionCallback):
     """Train a LightningModule's model with N:M / SpRe masks.
 
         trainer = L.Trainer(callbacks=[SpReCallback(nm=(2, 4), export_dir="deploy")])
@@ -58,10 +57,11 @@ class SpReCallback(pl.Callback):
         nm: N:M of `spre_fx.prepare` (default 2:4); for a model prepared before fit, a check.
         config: a `spre_fx.SpReConfig` instead of `nm` (include, skip, dense_stem, ...).
         module: attribute path of the submodule to prepare (e.g. "model"); None = the LightningModule.
-        schedule: a `spre_fx.MaskSchedule`, or its fields as keyword arguments (counted in
-            optimizer steps; `track_stats` follows `log_stats`).
-        log_stats: log the mask statistics.
-        deploy, export_dir, example_inputs: see on_fit_end above.
+        **options: `SessionCallback`'s (integrations/session.py):
+            schedule: a `spre_fx.MaskSchedule`, or its fields as keyword arguments (counted in
+                optimizer steps; `track_stats` follows `log_stats`).
+            log_stats: log the mask statistics.
+            deploy, export_dir, example_inputs: see on_fit_end above.
     """
 
     def __init__(
@@ -70,29 +70,15 @@ class SpReCallback(pl.Callback):
         *,
         config: spre_fx.SpReConfig | None = None,
         module: str | None = None,
-        schedule: spre_fx.MaskSchedule | None = None,
-        log_stats: bool = True,
-        deploy: bool = False,
-        export_dir: str | os.PathLike | None = None,
-        example_inputs: Any = None,
-        **schedule_fields: Any,
+        **options: Any,
     ) -> None:
         if nm is not None and config is not None:
             raise ValueError("pass either nm=(N, M) or config=spre_fx.SpReConfig(...), not both")
-        if schedule is not None and schedule_fields:
-            raise ValueError("pass either schedule=spre_fx.MaskSchedule(...) or its fields, not both")
+        super().__init__(**options)
         self.config = config if config is not None else spre_fx.SpReConfig(nm=tuple(nm or (2, 4)))
         # What to check on a model prepared before fit: the whole config, its N:M, or nothing.
         self._check_config = "config" if config is not None else "nm" if nm is not None else None
         self.module = module
-        fields = {**(vars(schedule) if schedule is not None else schedule_fields), "track_stats": log_stats}
-        self.schedule = spre_fx.MaskSchedule(**fields)  # validated now, not after a long setup
-        self.log_stats = log_stats
-        self.deploy = deploy or export_dir is not None
-        self.export_dir = export_dir
-        self.example_inputs = example_inputs
-        self.session: TrainingSession | None = None
-        self.deployment: Deployment | None = None
         self._resume_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ prepare
@@ -118,9 +104,7 @@ class SpReCallback(pl.Callback):
         model = self._prepared_model(pl_module, prepare=not builds_later)
         if model is None:
             return  # configure_model prepares it (checked at on_fit_start)
-        if self.session is None or self.session.model is not model:
-            self.session = TrainingSession(model, self.schedule)
-        self.session.hold()  # a checkpoint restored next loads its masks as they are
+        self.hold(model)  # a checkpoint restored next loads its masks as they are
 
     # ------------------------------------------------------------------ train
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -131,11 +115,10 @@ class SpReCallback(pl.Callback):
                 "overrides configure_model, which runs after the callback's setup; call "
                 "spre_fx.prepare(...) on the model you build there"
             )
-        if self.session is None or self.session.model is not model:
-            self.session = TrainingSession(model, self.schedule)
+        session = self.attach(model)
         optimizer = self._optimizer(trainer, model)
         state, self._resume_state = self._resume_state, None
-        self.session.start(optimizer, state if state and state.get("scheduler") else None)
+        session.start(optimizer, state if state and state.get("scheduler") else None)
 
     @staticmethod
     def _optimizer(trainer: pl.Trainer, model: nn.Module):
@@ -172,16 +155,11 @@ class SpReCallback(pl.Callback):
 
     # ------------------------------------------------------------------ end
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.session is None:
-            return
-        try:
-            if self.deploy and trainer.is_global_zero:
-                example = self.example_inputs
-                if example is not None and hasattr(example, "to"):
-                    example = example.to(pl_module.device)
-                self.deployment = self.session.deploy(example, self.export_dir)
-        finally:
-            self.session.stop()
+        def example() -> Any:
+            inputs = self.example_inputs
+            return inputs.to(pl_module.device) if hasattr(inputs, "to") else inputs
+
+        self.finish(trainer.is_global_zero, example)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.session is not None:

@@ -24,14 +24,12 @@ from typing import Any
 from torch import nn
 from transformers.trainer_callback import ExportableState, TrainerCallback
 
-import spre_fx
-
-from ..session import Deployment, TrainingSession, find_prepared, first_input
+from ..session import SessionCallback, find_prepared, first_input
 
 __all__ = ["SpReTrainerCallback"]
 
 
-class SpReTrainerCallback(TrainerCallback, ExportableState):
+class SpReTrainerCallback(TrainerCallback, ExportableState, SessionCallback):
     """Drive the N:M / SpRe masks of a prepared model from the Trainer's optimizer.
 
         model = spre_fx.prepare(model, nm=(2, 4))
@@ -51,32 +49,11 @@ class SpReTrainerCallback(TrainerCallback, ExportableState):
       `spre_fx.report`, kept as `self.deployment`; `export_dir` also gets `spre_report.txt`,
       `spre_report.json`, `deployed.pt` (main process). Then the scheduler is detached.
 
-    Args:
+    Args (`SessionCallback`'s, integrations/session.py):
         schedule: a `spre_fx.MaskSchedule`, or its fields as keyword arguments (counted in
             optimizer steps, accumulation included; `track_stats` follows `log_stats`).
         log_stats, deploy, export_dir, example_inputs: see above.
     """
-
-    def __init__(
-        self,
-        schedule: spre_fx.MaskSchedule | None = None,
-        *,
-        log_stats: bool = True,
-        deploy: bool = False,
-        export_dir: str | os.PathLike | None = None,
-        example_inputs: Any = None,
-        **schedule_fields: Any,
-    ) -> None:
-        if schedule is not None and schedule_fields:
-            raise ValueError("pass either schedule=spre_fx.MaskSchedule(...) or its fields, not both")
-        fields = {**(vars(schedule) if schedule is not None else schedule_fields), "track_stats": log_stats}
-        self.schedule = spre_fx.MaskSchedule(**fields)
-        self.log_stats = log_stats
-        self.deploy = deploy or export_dir is not None
-        self.export_dir = export_dir
-        self.example_inputs = example_inputs
-        self.session: TrainingSession | None = None
-        self.deployment: Deployment | None = None
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict[str, Any]:
@@ -101,7 +78,8 @@ class SpReTrainerCallback(TrainerCallback, ExportableState):
         return (saved or {}).get("attributes", {}).get("mask_scheduler")
 
     # ------------------------------------------------------------------ events
-    def _session(self, model: nn.Module) -> TrainingSession:
+    @staticmethod
+    def _prepared(model: nn.Module) -> nn.Module:
         found = find_prepared(model)
         if found is None:
             raise RuntimeError(
@@ -109,16 +87,14 @@ class SpReTrainerCallback(TrainerCallback, ExportableState):
                 f"{type(model).__name__}: call model = spre_fx.prepare(model) before Trainer(model, ...) "
                 "(the optimizer must see the SpRe parameters)"
             )
-        if self.session is None or self.session.model is not found[1]:
-            self.session = TrainingSession(found[1], self.schedule)
-        return self.session
+        return found[1]
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            self._session(model).hold()  # a checkpoint loaded by train() keeps its masks
+            self.hold(self._prepared(model))  # a checkpoint loaded by train() keeps its masks
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        session = self._session(model)
+        session = self.attach(self._prepared(model))
         saved = self._saved_scheduler(state)
         # accelerate's AcceleratedOptimizer subclasses torch's Optimizer without its hook tables;
         # its step() calls the wrapped optimizer's (through the GradScaler under fp16): hook that.
@@ -135,13 +111,9 @@ class SpReTrainerCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(scalars)  # the Trainer appended this log's copy already
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if self.session is None:
-            return
-        try:
-            if self.deploy and state.is_world_process_zero:
-                example = self.example_inputs
-                if example is None and train_dataloader is not None:
-                    example = first_input(next(iter(train_dataloader)))
-                self.deployment = self.session.deploy(example, self.export_dir)
-        finally:
-            self.session.stop()
+        def example() -> Any:
+            if self.example_inputs is None and train_dataloader is not None:
+                return first_input(next(iter(train_dataloader)))
+            return self.example_inputs
+
+        self.finish(state.is_world_process_zero, example)
