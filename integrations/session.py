@@ -75,7 +75,9 @@ def first_input(batch: Any) -> Any:
 @contextlib.contextmanager
 def _own_forward(model: nn.Module) -> Iterator[None]:
     """Set aside an instance attribute `forward` (accelerate wraps the Trainer's model in autocast
-    that way) for the block: a copy would call the wrapper, bound to the original model."""
+    that way) for the block: the deployed model is the class's own forward, without the training
+    wrapper (a copy would keep it, rebound to itself, or be refused where it would still call the
+    original), and `verify` sees each model's dtype, not autocast switched on inside a forward."""
     wrapper = model.__dict__.pop("forward", None)
     try:
         yield

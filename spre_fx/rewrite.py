@@ -16,7 +16,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from .config import SpReConfig
 from .discovery import discover
 from .layers import NM_CLASSES, SpReBatchNorm2d, SpReConv2d
-from .module_tree import model_copy, module_aliases, set_module
+from .module_tree import model_copy, module_aliases, refuse_added_forwards, set_module
 from .permutation import permute_for
 from .plan import Treatment, attach_plan, is_prepared
 from .registry import norm_spec
@@ -89,6 +89,9 @@ def prepare(
         permute_for(model, config, concrete_args)
     plan = discover(model, config, concrete_args)
     modules = dict(model.named_modules())
+    swapped = [(lp.name, lp.norm if lp.treatment == Treatment.SPRE else None)
+               for lp in plan.layers if lp.treatment != Treatment.DENSE]
+    refuse_added_forwards({n: modules[n] for pair in swapped for n in pair if n}, "spre_fx's N:M layer")
     aliases = module_aliases(model)
     for lp in plan.layers:
         if lp.treatment == Treatment.DENSE:

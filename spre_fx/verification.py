@@ -8,7 +8,6 @@ prepared model: the converted model may be at most twice as far from it as the p
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ from .deploy import dense_weight
 from .inputs import describe, example_call, inputs_fit
 from .layers import NMLayer, masks_of
 from .masks import nm_violations
-from .module_tree import modes_restored
+from .module_tree import forwards_reaching, model_copy, modes_restored
 from .plan import Treatment, plan_of
 
 __all__ = ["verify", "VerifyResult", "VerificationError"]
@@ -76,7 +75,7 @@ def _float32_twin(prepared: nn.Module) -> nn.Module:
     with the masks in force in `prepared`: the exact function both reduced-precision runs approximate."""
     if all(t.dtype in (torch.float32, torch.float64) for t in prepared.parameters() if t.is_floating_point()):
         return prepared
-    twin = copy.deepcopy(prepared)
+    twin = model_copy(prepared)
     originals = dict(prepared.named_modules())
     for name, layer in twin.named_modules():
         if isinstance(layer, NMLayer):
@@ -140,6 +139,18 @@ def _run(model: nn.Module, names: list[str], args: tuple, kwargs: dict, on_call)
             h.remove()
 
 
+def _independence_problems(prepared: nn.Module, converted: nn.Module) -> list[str]:
+    """What makes `converted` compute with `prepared` itself: shared parameters or buffers, or an
+    instance `forward` (a wrapper) that calls into the prepared model. Either would let the
+    comparison pass without the converted model's own layers computing."""
+    own = {id(t): n for n, t in (*prepared.named_parameters(), *prepared.named_buffers())}
+    shared = [f"tensor '{n}': the prepared model's '{own[id(t)]}'"
+              for n, t in (*converted.named_parameters(), *converted.named_buffers()) if id(t) in own]
+    wrappers = [f"{f'module {n!r}' if n else 'the model'}: its forward reaches the prepared model ({target})"
+                for n, target in forwards_reaching(converted, prepared).items()]
+    return shared + wrappers
+
+
 def _error_text(error: float, tol: float, own: float | None = None) -> str:
     if error == float("inf"):
         return "NaN or inf values (relative error inf)"
@@ -176,6 +187,11 @@ def verify(
     """
     plan = plan_of(prepared, stage="prepared")
     plan_of(converted, stage="converted")
+    borrowed = _independence_problems(prepared, converted)
+    if borrowed:
+        raise VerificationError(
+            "the converted model calls into the prepared model, so its own layers would go unchecked "
+            "(pass the result of spre_fx.convert(prepared) as it was returned):\n  " + "\n  ".join(borrowed))
     args, kwargs = example_call(example_inputs, example_kwargs, "verify")  # a tensor or a tuple, a dict
     dtype, device = _compute_dtype(prepared)
     reduced = dtype in REDUCED
