@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,21 +27,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("torchvision", reason="the benchmarks build torchvision models (pip install '.[vision]')")
 
+# One torch thread in every script run here (OMP_NUM_THREADS for what sets none itself, `--threads 1`
+# for the scripts that default to 2): under `pytest -n 2`, two runs with two threads each put four
+# spinning OpenMP threads on two cores, 3-4x slower here (train_step's first smoke run: 87 s wall
+# with 2 threads, 29 s with 1, on the same loaded machine). The code paths are the same.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 SMOKE = [
-    ("masks.py --model resnet18 --repeats 1", "spatial_mask, 16 k×k convs"),
-    ("masks.py --model resnet18 --repeats 1 --baseline-source spre_fx/_native.c", "spre_fx/_native.c"),
-    ("masks.py --model resnet18 --repeats 1 --in-step --batch 2 --size 32 "
+    ("masks.py --model resnet18 --repeats 1 --threads 1", "spatial_mask, 16 k×k convs"),
+    ("masks.py --model resnet18 --repeats 1 --threads 1 --baseline-source spre_fx/_native.c",
+     "spre_fx/_native.c"),
+    ("masks.py --model resnet18 --repeats 1 --threads 1 --in-step --batch 2 --size 32 "
      "--baseline-source spre_fx/_native.c", "spatial masks held"),
-    ("fused_branches.py --batch 2 --rounds 1", "stacked conv, one BN"),
-    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1", "spre / naive-spre:"),
-    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --no-naive --interval 1000 --profile",
-     "optimizer step + masks"),
-    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --no-naive --warmup 0 "
+    ("fused_branches.py --batch 2 --rounds 1 --threads 1", "stacked conv, one BN"),
+    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --threads 1", "spre / naive-spre:"),
+    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --threads 1 --no-naive --interval 1000 "
+     "--profile", "optimizer step + masks"),
+    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --threads 1 --no-naive --warmup 0 "
      "--baseline-native spre_fx/_native.c", "spre / spre-baseline"),
-    ("prepare_convert.py --model resnet18 --repeats 1", "median of per-pair ratios"),
-    ("latency.py --model resnet18 --batch 1 --size 32 --repeats 1", "median of per-pair ratios"),
-    ("scale.py --models resnet18 --modes inplace", "resnet18         inplace"),
-    ("train_memory.py --model resnet18 --batch 2 --size 32", "spre"),
+    ("prepare_convert.py --model resnet18 --repeats 1 --threads 1", "median of per-pair ratios"),
+    ("latency.py --model resnet18 --batch 1 --size 32 --repeats 1 --threads 1", "median of per-pair ratios"),
+    ("scale.py --models resnet18 --modes inplace --threads 1", "resnet18         inplace"),
+    ("train_memory.py --model resnet18 --batch 2 --size 32 --threads 1", "spre"),
 ]
 
 
@@ -48,7 +55,7 @@ SMOKE = [
 def test_benchmark_runs(command, expect):
     script, *args = command.split()
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expect in done.stdout, done.stdout[-2000:]
 
@@ -59,7 +66,7 @@ GPU_CHECK = ROOT / "benchmarks" / "gpu_check.py"
 
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(GPU_CHECK), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=ONE_THREAD)
 
 
 def test_gpu_check_dry_run_runs_every_part_and_skips_each_cuda_step_with_its_reason(tmp_path):
