@@ -125,23 +125,6 @@ def test_gpu_check_dry_run_runs_every_part_and_skips_each_cuda_step_with_its_rea
     assert summary[-1].startswith("| mask update share of a spre step")
 
 
-def test_gpu_check_deadline_skips_parts_with_the_reason_and_still_writes(tmp_path):
-    done = _gpu_check("--dry-run", "--out", str(tmp_path), "--parts", "env,numerics,train", "--budget", "0")
-    assert done.returncode == 0, done.stderr[-3000:]
-    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
-    assert list(parts) == ["env", "numerics", "train"]
-    assert all(p["status"] == "skipped" and "deadline" in p["reason"] for p in parts.values())
-    assert "| train | skipped |" in (tmp_path / "gpu_check.md").read_text()
-
-
-def test_gpu_check_refuses_unknown_parts_and_a_missing_gpu(tmp_path):
-    done = _gpu_check("--dry-run", "--out", str(tmp_path), "--parts", "env,kernels")
-    assert done.returncode == 2 and "unknown part(s) ['kernels']" in done.stderr
-    if not torch.cuda.is_available():
-        done = _gpu_check("--out", str(tmp_path))
-        assert done.returncode == 2 and "--dry-run" in done.stderr
-
-
 def _load_gpu_check(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
@@ -149,6 +132,31 @@ def _load_gpu_check(monkeypatch):
     monkeypatch.setitem(sys.modules, "gpu_check", module)
     spec.loader.exec_module(module)
     return module
+
+
+# The command line's own checks run in this process (gc.main with an argv): a subprocess would
+# spend its time importing torch and torchvision again (~15-35 s a run on a loaded machine);
+# the dry run above is the one run as the GPU machine runs it.
+def test_gpu_check_deadline_skips_parts_with_the_reason_and_still_writes(tmp_path, monkeypatch):
+    gc = _load_gpu_check(monkeypatch)
+    argv = ["--dry-run", "--out", str(tmp_path), "--parts", "env,numerics,train", "--budget", "0"]
+    assert gc.main(argv) == 0
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert list(parts) == ["env", "numerics", "train"]
+    assert all(p["status"] == "skipped" and "deadline" in p["reason"] for p in parts.values())
+    assert "| train | skipped |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_refuses_unknown_parts_and_a_missing_gpu(tmp_path, monkeypatch, capsys):
+    gc = _load_gpu_check(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        gc.main(["--dry-run", "--out", str(tmp_path), "--parts", "env,kernels"])
+    assert exit_.value.code == 2 and "unknown part(s) ['kernels']" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine, on any machine
+    with pytest.raises(SystemExit) as exit_:
+        gc.main(["--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--dry-run" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
 def _part(name: str):
