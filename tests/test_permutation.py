@@ -7,7 +7,8 @@ of the output's size) and a wrong one moves channels (errors of the output's own
 1e-10 relative bound separates the two by orders of magnitude either way. Cost on one core of
 this machine: 14 s without the zoo test at load ~8 (230 s at load ~18). The zoo test (random
 orders, no search) runs by default on a fixed sample of torchvision classifiers, one per kind of
-graph (`_ZOO_SAMPLE` says which kind each stands for): ~15 s on one core at load ~5. All 75
+graph (`_ZOO_SAMPLE` says which kind each stands for): the whole file then takes 15 s on one
+core at load ~4 (the sample's 14 models took 18 s of the last full suite's 315). All 75
 classifiers (2.8 min at load ~5, 29 min at load ~18, most of it building the big models and
 running them in float64) run with `SPRE_PERMUTATION_ZOO=all pytest tests/test_permutation.py -m zoo`.
 """
