@@ -36,6 +36,31 @@ def hypothesis_profile(env: dict[str, str]) -> str:
 settings.load_profile(hypothesis_profile(dict(os.environ)))
 
 
+def worker_threads(workers: int, cores: int, env: dict[str, str]) -> int | None:
+    """Torch threads for each of `workers` pytest-xdist workers: the cores shared out among them,
+    or None (torch's own choice) outside xdist or where OMP_NUM_THREADS already says."""
+    if not workers or env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cores // workers)
+
+
+def pytest_configure(config) -> None:
+    """Under `pytest -n N`, each worker takes its share of the cores as torch threads, and so do
+    the scripts the tests start (OMP_NUM_THREADS). With torch's default, every core, in each of
+    `-n 2`'s workers, four OpenMP threads spin on two cores: measured here at load ~5 (another
+    suite's two workers beside), tests/test_convert.py took 99 s with two threads and 11.6 s
+    with one, tests/test_verify.py 37 s and 6.4 s. Tests of the threaded kernels set their own
+    thread counts (tests/test_native.py)."""
+    workerinput = getattr(config, "workerinput", None)  # set in xdist's workers only
+    if workerinput is None:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = worker_threads(int(workerinput["workercount"]), cores, dict(os.environ))
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def pytest_report_header(config) -> str:
     return f"hypothesis profile: {settings.get_current_profile_name()}"
 

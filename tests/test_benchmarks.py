@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,21 +27,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("torchvision", reason="the benchmarks build torchvision models (pip install '.[vision]')")
 
+# One torch thread in every script run here (OMP_NUM_THREADS for what sets none itself, `--threads 1`
+# for the scripts that default to 2): under `pytest -n 2`, two runs with two threads each put four
+# spinning OpenMP threads on two cores, 3-4x slower here (train_step's first smoke run: 87 s wall
+# with 2 threads, 29 s with 1, on the same loaded machine). The code paths are the same.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Options share runs where one covers another (a run with --baseline-source also prints the lines
+# without it; --interval rides with the naive build, --profile with --baseline-native): each
+# option still runs once, with two process starts (imports, models, warm-up) fewer.
 SMOKE = [
-    ("masks.py --model resnet18 --repeats 1", "spatial_mask, 16 k×k convs"),
-    ("masks.py --model resnet18 --repeats 1 --baseline-source spre_fx/_native.c", "spre_fx/_native.c"),
-    ("masks.py --model resnet18 --repeats 1 --in-step --batch 2 --size 32 "
-     "--baseline-source spre_fx/_native.c", "spatial masks held"),
-    ("fused_branches.py --batch 2 --rounds 1", "stacked conv, one BN"),
-    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1", "spre / naive-spre:"),
-    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --no-naive --interval 1000 --profile",
-     "optimizer step + masks"),
-    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --no-naive --warmup 0 "
-     "--baseline-native spre_fx/_native.c", "spre / spre-baseline"),
-    ("prepare_convert.py --model resnet18 --repeats 1", "median of per-pair ratios"),
-    ("latency.py --model resnet18 --batch 1 --size 32 --repeats 1", "median of per-pair ratios"),
-    ("scale.py --models resnet18 --modes inplace", "resnet18         inplace"),
-    ("train_memory.py --model resnet18 --batch 2 --size 32", "spre"),
+    ("masks.py --model resnet18 --repeats 1 --threads 1 --baseline-source spre_fx/_native.c",
+     ("spatial_mask, 16 k×k convs", "spre_fx/_native.c")),
+    ("masks.py --model resnet18 --repeats 1 --threads 1 --in-step --batch 2 --size 32 "
+     "--baseline-source spre_fx/_native.c", ("spatial masks held",)),
+    ("fused_branches.py --batch 2 --rounds 1 --threads 1", ("stacked conv, one BN",)),
+    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --threads 1 --interval 1000",
+     ("spre / naive-spre:", "masks move every 1000 step(s)")),
+    # masks moving every step here, so that the other kernels compute them
+    ("train_step.py --model resnet18 --batch 2 --size 32 --rounds 1 --threads 1 --no-naive --warmup 0 "
+     "--profile --baseline-native spre_fx/_native.c",
+     ("optimizer step + masks", "spre-baseline", "spre / spre-baseline")),
+    ("prepare_convert.py --model resnet18 --repeats 1 --threads 1", ("median of per-pair ratios",)),
+    ("latency.py --model resnet18 --batch 1 --size 32 --repeats 1 --threads 1",
+     ("median of per-pair ratios",)),
+    ("scale.py --models resnet18 --modes inplace --threads 1", ("resnet18         inplace",)),
+    ("train_memory.py --model resnet18 --batch 2 --size 32 --threads 1", ("spre",)),
 ]
 
 
@@ -48,9 +59,9 @@ SMOKE = [
 def test_benchmark_runs(command, expect):
     script, *args = command.split()
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert expect in done.stdout, done.stdout[-2000:]
+    assert all(e in done.stdout for e in expect), done.stdout[-2000:]
 
 
 # --------------------------------------------------------------------------- gpu_check.py
@@ -59,7 +70,7 @@ GPU_CHECK = ROOT / "benchmarks" / "gpu_check.py"
 
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(GPU_CHECK), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=ONE_THREAD)
 
 
 def test_gpu_check_dry_run_runs_every_part_and_skips_each_cuda_step_with_its_reason(tmp_path):
@@ -118,23 +129,6 @@ def test_gpu_check_dry_run_runs_every_part_and_skips_each_cuda_step_with_its_rea
     assert summary[-1].startswith("| mask update share of a spre step")
 
 
-def test_gpu_check_deadline_skips_parts_with_the_reason_and_still_writes(tmp_path):
-    done = _gpu_check("--dry-run", "--out", str(tmp_path), "--parts", "env,numerics,train", "--budget", "0")
-    assert done.returncode == 0, done.stderr[-3000:]
-    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
-    assert list(parts) == ["env", "numerics", "train"]
-    assert all(p["status"] == "skipped" and "deadline" in p["reason"] for p in parts.values())
-    assert "| train | skipped |" in (tmp_path / "gpu_check.md").read_text()
-
-
-def test_gpu_check_refuses_unknown_parts_and_a_missing_gpu(tmp_path):
-    done = _gpu_check("--dry-run", "--out", str(tmp_path), "--parts", "env,kernels")
-    assert done.returncode == 2 and "unknown part(s) ['kernels']" in done.stderr
-    if not torch.cuda.is_available():
-        done = _gpu_check("--out", str(tmp_path))
-        assert done.returncode == 2 and "--dry-run" in done.stderr
-
-
 def _load_gpu_check(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
@@ -142,6 +136,31 @@ def _load_gpu_check(monkeypatch):
     monkeypatch.setitem(sys.modules, "gpu_check", module)
     spec.loader.exec_module(module)
     return module
+
+
+# The command line's own checks run in this process (gc.main with an argv): a subprocess would
+# spend its time importing torch and torchvision again (~15-35 s a run on a loaded machine);
+# the dry run above is the one run as the GPU machine runs it.
+def test_gpu_check_deadline_skips_parts_with_the_reason_and_still_writes(tmp_path, monkeypatch):
+    gc = _load_gpu_check(monkeypatch)
+    argv = ["--dry-run", "--out", str(tmp_path), "--parts", "env,numerics,train", "--budget", "0"]
+    assert gc.main(argv) == 0
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert list(parts) == ["env", "numerics", "train"]
+    assert all(p["status"] == "skipped" and "deadline" in p["reason"] for p in parts.values())
+    assert "| train | skipped |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_refuses_unknown_parts_and_a_missing_gpu(tmp_path, monkeypatch, capsys):
+    gc = _load_gpu_check(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        gc.main(["--dry-run", "--out", str(tmp_path), "--parts", "env,kernels"])
+    assert exit_.value.code == 2 and "unknown part(s) ['kernels']" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine, on any machine
+    with pytest.raises(SystemExit) as exit_:
+        gc.main(["--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--dry-run" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
 def _part(name: str):

@@ -220,11 +220,11 @@ def test_bf16_mixed():
 
 
 def _ddp_worker(rank: int, world: int, init_method: str, result_dir: str) -> None:
+    torch.set_num_threads(1)  # first: a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     # Lightning's environment reads the ranks from here and skips its own process launch.
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # the group exists: no port is opened
-    torch.set_num_threads(1)
     torch.manual_seed(rank)  # different initial weights: DDP broadcasts rank 0's
     module = Classifier()
     cb = SpReCallback()
@@ -244,9 +244,14 @@ def _ddp_worker(rank: int, world: int, init_method: str, result_dir: str) -> Non
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available in this build")
 def test_ddp_two_processes_masks_agree(tmp_path):
+    """Forked, not spawned, where the platform forks: a spawned child imports torch, Lightning and
+    this module again before its first step (most of the test's time, ~90 s of a loaded CI run);
+    a forked one starts from this process's imports. Each child makes its own gloo group and
+    Lightning trainer after the fork, as a spawned one does."""
     world = 2
+    start = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_ddp_worker, args=(world, rendezvous(tmp_path), str(tmp_path)), nprocs=world,
-                       join=True, start_method="spawn")
+                       join=True, start_method=start)
     results = [torch.load(p, weights_only=True) for p in sorted(glob.glob(str(tmp_path / "rank*.pt")))]
     assert [r["rank"] for r in results] == [0, 1] and [r["step"] for r in results] == [3, 3]
     a, b = results[0]["masks"], results[1]["masks"]

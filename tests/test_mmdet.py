@@ -339,8 +339,8 @@ def test_from_dense_checkpoint_starts_as_its_nm_projection(coco, tmp_path):
 def _ddp_worker(rank: int, world: int, init_method: str, data: str, work_dir: str) -> None:
     import torch.distributed as dist
 
+    torch.set_num_threads(1)  # first: a forked child must not reuse the parent's OpenMP pool
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
     # mmengine's pytorch launcher calls torch.cuda.set_device, which fails without a GPU: the
     # process group is made here, and the Runner (launcher='pytorch') runs inside it.
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
@@ -366,7 +366,11 @@ def _ddp_worker(rank: int, world: int, init_method: str, data: str, work_dir: st
 
 def test_ddp_two_cpu_processes(coco, tmp_path):
     """mmengine Runner with launcher='pytorch' on 2 gloo processes: DDP-wrapped model, masks and
-    weights identical on both ranks, checkpoint and export from rank 0."""
+    weights identical on both ranks, checkpoint and export from rank 0.
+
+    Forked, not spawned, where the platform forks: a spawned child imports torch, mmdet and this
+    module again before its first step (most of the test's time); a forked one starts from this
+    process's imports. Each child makes its own gloo group and Runner after the fork."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -374,8 +378,9 @@ def test_ddp_two_cpu_processes(coco, tmp_path):
         pytest.skip("torch.distributed with gloo is not available in this build")
     work_dir = tmp_path / "work"
     work_dir.mkdir()
+    start = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_ddp_worker, args=(2, rendezvous(tmp_path), str(coco), str(work_dir)), nprocs=2,
-                       join=True, start_method="spawn")
+                       join=True, start_method=start)
     for rank in range(2):
         res = torch.load(work_dir / f"rank{rank}.pt")
         assert res["wrapper"] == "MMDistributedDataParallel" and res["iter"] == 2
