@@ -1,7 +1,11 @@
 """Every benchmark script docs/benchmarks.md cites still runs (tiny sizes; no timing asserted).
 
 Speed is measured by running the scripts by hand (docs/benchmarks.md); this only keeps the
-documented commands from rotting as the library changes.
+documented commands from rotting as the library changes. Run elsewhere: op_counts.py
+(tests/test_op_counts.py), folded_norms.py and reparam_nm.py (tests/test_fusers.py), tapconv.py
+(tests/test_tapconv.py); naive_spre.py is train_step.py's baseline. Not run: decay_ratio.py
+(2 min even at batch 2, 32 px; what it measures is asserted step by step in
+tests/test_mixed_precision.py).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ SMOKE = [
      ("median of per-pair ratios",)),
     ("scale.py --models resnet18 --modes inplace --threads 1", ("resnet18         inplace",)),
     ("train_memory.py --model resnet18 --batch 2 --size 32 --threads 1", ("spre",)),
+    ("permutation.py --models tv:resnet18 --nm 2:4 --no-trained --threads 1", ("| tv:resnet18 | 2:4 |",)),
 ]
 
 
