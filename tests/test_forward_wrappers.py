@@ -180,3 +180,13 @@ def test_a_layer_whose_forward_is_a_wrapper_is_refused_when_swapped(x):
     assert type(model.head) is torch.nn.Linear and type(model.block.conv1) is torch.nn.Conv2d
     with pytest.raises(ValueError, match="never prepared|not prepared"):
         spre_fx.plan_of(model)
+
+
+def test_export_onnx_measures_float16_against_a_copy_that_runs_itself(tmp_path):
+    """export_onnx's float32 reference of a float16 model is a copy: with a closure forward it
+    would run the float16 original, and the check would compare float16 with itself."""
+    pytest.importorskip("onnx", reason="ONNX export needs onnx (dev dependency)")
+    converted = spre_fx.convert(spre_fx.prepare(TinyNet()).eval()).half()
+    converted.forward = _closure(converted.forward)
+    with pytest.raises(ValueError, match="would make the copy run the original model"):
+        spre_fx.export_onnx(converted, (tiny_input().half(),), str(tmp_path / "m.onnx"), dynamo=False)

@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 from torch import Tensor, nn
 
 from ..masks import nm_violations
-from ..module_tree import set_module
+from ..module_tree import model_copy, set_module
 from ..plan import plan_of
 from .advisor import MIN_WEIGHT_ELEMS, kernel_advice
 from .im2col import SemiStructuredConv2d, gemm_weight
@@ -124,7 +123,7 @@ def to_semi_structured(
     gpu = capability(model)
     kernels_to_try(kernel, gpu)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = model_copy(model)
     modules = dict(model.named_modules())
     with torch.no_grad():
         # Decide (and refuse a weight that lost its pattern) for every layer before changing any.

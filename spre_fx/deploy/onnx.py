@@ -7,7 +7,6 @@ onnxruntime's outputs with PyTorch's. docs/deploy.md has the TensorRT story.
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from ..compare import flat_tensors, relative_error
 from ..masks import is_nm
-from ..module_tree import modes_restored
+from ..module_tree import model_copy, modes_restored
 from ..plan import Treatment, plan_of
 from .backend import has_sparse_kernels
 from .im2col import dense_weight
@@ -161,7 +160,7 @@ def _float16_rounding(converted: nn.Module, args: tuple, out: Any) -> tuple[floa
     against its float32 copy, as `verify` measures reduced precision (0.0 and `out` otherwise)."""
     if not any(p.dtype == torch.float16 for p in converted.parameters()):
         return 0.0, out
-    exact_model = copy.deepcopy(converted).float()
+    exact_model = model_copy(converted).float()
     exact_model.eval()
     with torch.no_grad():
         exact = exact_model(*(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a
