@@ -21,6 +21,7 @@ calls `spre_fx.prepare` there itself; the callback then finds the prepared model
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -57,11 +58,10 @@ class SpReCallback(pl.Callback, SessionCallback):
         nm: N:M of `spre_fx.prepare` (default 2:4); for a model prepared before fit, a check.
         config: a `spre_fx.SpReConfig` instead of `nm` (include, skip, dense_stem, ...).
         module: attribute path of the submodule to prepare (e.g. "model"); None = the LightningModule.
-        **options: `SessionCallback`'s (integrations/session.py):
-            schedule: a `spre_fx.MaskSchedule`, or its fields as keyword arguments (counted in
-                optimizer steps; `track_stats` follows `log_stats`).
-            log_stats: log the mask statistics.
-            deploy, export_dir, example_inputs: see on_fit_end above.
+        schedule: a `spre_fx.MaskSchedule`, or its fields as keyword arguments (counted in
+            optimizer steps; `track_stats` follows `log_stats`).
+        log_stats: log the mask statistics.
+        deploy, export_dir, example_inputs: see on_fit_end above.
     """
 
     def __init__(
@@ -70,11 +70,17 @@ class SpReCallback(pl.Callback, SessionCallback):
         *,
         config: spre_fx.SpReConfig | None = None,
         module: str | None = None,
-        **options: Any,
+        schedule: spre_fx.MaskSchedule | None = None,
+        log_stats: bool = True,
+        deploy: bool = False,
+        export_dir: str | os.PathLike | None = None,
+        example_inputs: Any = None,
+        **schedule_fields: Any,
     ) -> None:
         if nm is not None and config is not None:
             raise ValueError("pass either nm=(N, M) or config=spre_fx.SpReConfig(...), not both")
-        super().__init__(**options)
+        super().__init__(schedule, log_stats=log_stats, deploy=deploy, export_dir=export_dir,
+                         example_inputs=example_inputs, **schedule_fields)
         self.config = config if config is not None else spre_fx.SpReConfig(nm=tuple(nm or (2, 4)))
         # What to check on a model prepared before fit: the whole config, its N:M, or nothing.
         self._check_config = "config" if config is not None else "nm" if nm is not None else None
