@@ -226,7 +226,7 @@ def _param_count(arch: Arch) -> int | None:
 
 
 # Deeper copies of a graph that runs: skipped unless SPRE_ZOO_ALL is set (measured 2026-12-07, idle
-# machine, one torch thread per worker: 17-24 s each, 139 s for the six).
+# machine, one torch thread per worker: 17-24 s each, 120 s for the six in `pytest -n 2 --durations`).
 _DEEPER_COPY = {f"vgg{d}{bn}": f"vgg11{bn}" for d in (13, 16, 19) for bn in ("", "_bn")}
 
 
